@@ -118,7 +118,7 @@ pub fn parse_mib(input: &str) -> Result<u64, QuantityError> {
 
 /// Formats millicores the way users write them: `500m`, `2`.
 pub fn format_cpu_millis(millis: u32) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")
@@ -127,7 +127,7 @@ pub fn format_cpu_millis(millis: u32) -> String {
 
 /// Formats MiB the way users write them: `64Mi`, `2Gi`.
 pub fn format_mib(mib: u64) -> String {
-    if mib != 0 && mib % 1024 == 0 {
+    if mib != 0 && mib.is_multiple_of(1024) {
         format!("{}Gi", mib / 1024)
     } else {
         format!("{mib}Mi")

@@ -1,1 +1,17 @@
-//! placeholder
+//! Berth's scheduler: accepts jobs over gRPC, keeps them durable, and places their tasks onto
+//! agents' nodes.
+//!
+//! - [`cluster`]: the actor that owns all cluster state.
+//! - [`placement`]: multi-resource bin-packing.
+//! - [`store`]: the durable store (embedded redb).
+//! - [`api`]: the gRPC services (JobService, AgentService).
+
+pub mod api;
+pub mod cluster;
+pub mod error;
+pub mod placement;
+pub mod store;
+
+pub use cluster::{ClusterConfig, ClusterHandle};
+pub use error::SchedulerError;
+pub use placement::Strategy;

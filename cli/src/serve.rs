@@ -1,0 +1,344 @@
+//! The server commands: `berth dev`, `berth scheduler`, `berth agent`.
+//!
+//! Each runs until SIGTERM or SIGINT, then drains for a grace period; a second signal exits at
+//! once. Stopping an agent leaves its containers running.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use berth_agent::AgentConfig;
+use berth_model::quantity;
+use berth_model::resources::Resources;
+use berth_scheduler::{ClusterConfig, Strategy, api, cluster, store::Store};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::EXIT_CONFIG;
+
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// containerd socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd: PathBuf,
+    /// Where the store, logs and task files live.
+    #[arg(long, default_value = ".berth")]
+    data_dir: PathBuf,
+    /// API address.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// containerd namespace.
+    #[arg(long, default_value = "berth")]
+    namespace: String,
+}
+
+#[derive(clap::Args)]
+pub struct SchedulerArgs {
+    /// Where the store lives.
+    #[arg(long, default_value = "/var/lib/berth/scheduler")]
+    data_dir: PathBuf,
+    /// API address.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Silence after which a node is lost (e.g. 10s).
+    #[arg(long, default_value = "10s")]
+    heartbeat_timeout: String,
+    /// How often agents send heartbeats.
+    #[arg(long, default_value = "2s")]
+    heartbeat_interval: String,
+    /// binpack (most-allocated first) or spread.
+    #[arg(long, default_value = "binpack")]
+    strategy: String,
+}
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// This node's id (default: the hostname).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Scheduler address.
+    #[arg(long, env = "BERTH_API", default_value = "127.0.0.1:7700")]
+    scheduler: String,
+    /// containerd socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd: PathBuf,
+    /// containerd namespace.
+    #[arg(long, default_value = "berth")]
+    namespace: String,
+    /// Logs and per-task files.
+    #[arg(long, default_value = "/var/lib/berth/agent")]
+    data_dir: PathBuf,
+    /// Address to serve task logs on.
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    listen: SocketAddr,
+    /// CPU kept for the host (e.g. 500m).
+    #[arg(long, default_value = "0")]
+    reserve_cpu: String,
+    /// Memory kept for the host (e.g. 512Mi).
+    #[arg(long, default_value = "0")]
+    reserve_memory: String,
+    /// Node attributes, KEY=VALUE (zone, instance_type, ...).
+    #[arg(long = "attribute", value_parser = parse_kv)]
+    attributes: Vec<(String, String)>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn config_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("berth: {msg}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// Cancels `token` on SIGTERM or SIGINT; a second signal exits the process.
+fn on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if n == 0 {
+                info!("Shutting down; send the signal again to exit now.");
+                token.cancel();
+            } else {
+                warn!("Second signal: exiting now.");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn start_cluster(
+    data_dir: &std::path::Path,
+    cfg: ClusterConfig,
+    cancel: CancellationToken,
+) -> Result<(berth_scheduler::ClusterHandle, tokio::task::JoinHandle<()>), String> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+    let store = Store::open_redb(&data_dir.join("scheduler.redb")).map_err(|e| e.to_string())?;
+    cluster::spawn(store, cfg, cancel).map_err(|e| e.to_string())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--listen {addr}: {e}"))
+}
+
+/// `berth dev`: scheduler + agent + log service on one address.
+pub async fn dev(a: DevArgs) -> ExitCode {
+    let cancel = CancellationToken::new();
+    on_signals(cancel.clone());
+    let data_dir = match std::path::absolute(&a.data_dir) {
+        Ok(d) => d,
+        Err(e) => return config_error(format!("--data-dir: {e}")),
+    };
+    let cfg = ClusterConfig {
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let (handle, actor) =
+        match start_cluster(&data_dir.join("scheduler"), cfg, cancel.clone()).await {
+            Ok(x) => x,
+            Err(e) => return config_error(e),
+        };
+    let listener = match bind(a.listen).await {
+        Ok(l) => l,
+        Err(e) => return config_error(e),
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let (jobs, agents) = api::services(handle);
+    let agent_dir = data_dir.join("agent");
+    let logs = berth_agent::logs::LogApi::server(agent_dir.clone());
+    let server_cancel = CancellationToken::new();
+    let server = {
+        let c = server_cancel.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(jobs)
+                .add_service(agents)
+                .add_service(logs)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { c.cancelled().await },
+                ),
+        )
+    };
+    let node_id = hostname();
+    let agent_cfg = AgentConfig {
+        node_id: node_id.clone(),
+        scheduler: format!("http://{addr}"),
+        containerd: a.containerd.clone(),
+        namespace: a.namespace.clone(),
+        data_dir: agent_dir,
+        reserved: Resources::default(),
+        capacity: None,
+        attributes: HashMap::from([("zone".to_string(), "local".to_string())]),
+        log_address: addr.clone(),
+    };
+    let agent = tokio::spawn(berth_agent::run(agent_cfg, cancel.clone()));
+    println!(
+        "Berth dev cluster: API on {addr} (node {node_id}, containerd {})",
+        a.containerd.display()
+    );
+    println!("  export BERTH_API={addr}");
+    let code = tokio::select! {
+        r = agent => match r {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => { error!(error = %e, "Agent failed."); config_error(e) }
+            Err(e) => { error!(error = %e, "Agent panicked."); ExitCode::FAILURE }
+        },
+        _ = cancel.cancelled() => ExitCode::SUCCESS,
+    };
+    cancel.cancel();
+    server_cancel.cancel();
+    let _ = tokio::time::timeout(DRAIN, async {
+        let _ = server.await;
+        let _ = actor.await;
+    })
+    .await;
+    code
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn duration(flag: &str, v: &str) -> Result<Duration, String> {
+    quantity::parse_duration(v).map_err(|e| format!("{flag}: {e}"))
+}
+
+/// `berth scheduler`.
+pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
+    let strategy = match a.strategy.as_str() {
+        "binpack" => Strategy::Binpack,
+        "spread" => Strategy::Spread,
+        other => return config_error(format!("--strategy: `{other}` is not binpack or spread")),
+    };
+    let (interval, timeout) = match (
+        duration("--heartbeat-interval", &a.heartbeat_interval),
+        duration("--heartbeat-timeout", &a.heartbeat_timeout),
+    ) {
+        (Ok(i), Ok(t)) if t > i => (i, t),
+        (Ok(_), Ok(_)) => {
+            return config_error("--heartbeat-timeout must be longer than --heartbeat-interval");
+        }
+        (Err(e), _) | (_, Err(e)) => return config_error(e),
+    };
+    let cancel = CancellationToken::new();
+    on_signals(cancel.clone());
+    let cfg = ClusterConfig {
+        heartbeat_interval: interval,
+        heartbeat_timeout: timeout,
+        strategy,
+        ..Default::default()
+    };
+    let (handle, actor) = match start_cluster(&a.data_dir, cfg, cancel.clone()).await {
+        Ok(x) => x,
+        Err(e) => return config_error(e),
+    };
+    let listener = match bind(a.listen).await {
+        Ok(l) => l,
+        Err(e) => return config_error(e),
+    };
+    info!(listen = %a.listen, "Scheduler serving.");
+    let (jobs, agents) = api::services(handle);
+    let c = cancel.clone();
+    let r = tonic::transport::Server::builder()
+        .add_service(jobs)
+        .add_service(agents)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { c.cancelled().await },
+        )
+        .await;
+    let _ = tokio::time::timeout(DRAIN, actor).await;
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "Server failed.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `berth agent`.
+pub async fn agent(a: AgentArgs) -> ExitCode {
+    let cpu = match quantity::parse_cpu_millis(&a.reserve_cpu) {
+        Ok(v) => v,
+        Err(e) => return config_error(format!("--reserve-cpu: {e}")),
+    };
+    let mem = match quantity::parse_mib(&a.reserve_memory) {
+        Ok(v) => v,
+        Err(e) => return config_error(format!("--reserve-memory: {e}")),
+    };
+    let cancel = CancellationToken::new();
+    on_signals(cancel.clone());
+    let listener = match bind(a.listen).await {
+        Ok(l) => l,
+        Err(e) => return config_error(e),
+    };
+    let log_address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let logs = berth_agent::logs::LogApi::server(a.data_dir.clone());
+    let c = cancel.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(logs)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { c.cancelled().await },
+            ),
+    );
+    let scheduler = if a.scheduler.contains("://") {
+        a.scheduler
+    } else {
+        format!("http://{}", a.scheduler)
+    };
+    let cfg = AgentConfig {
+        node_id: a.node_id.unwrap_or_else(hostname),
+        scheduler,
+        containerd: a.containerd,
+        namespace: a.namespace,
+        data_dir: a.data_dir,
+        reserved: Resources {
+            cpu_millis: cpu,
+            memory_mib: mem,
+            ..Default::default()
+        },
+        capacity: None,
+        attributes: a.attributes.into_iter().collect(),
+        log_address,
+    };
+    let r = berth_agent::run(cfg, cancel.clone()).await;
+    cancel.cancel();
+    let _ = server.await;
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => config_error(e),
+    }
+}

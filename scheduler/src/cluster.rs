@@ -1,0 +1,1222 @@
+//! The cluster state actor: the one owner of jobs, tasks and nodes.
+//!
+//! gRPC handlers validate what they can, then send a [`Command`] and await the reply. The actor
+//! applies the change, commits it to the store, and only then replies, notifies watchers and
+//! sends orders to agents: nothing is acknowledged or acted on before it is durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use berth_model::now_unix_ms;
+use berth_model::resources::Resources;
+use berth_model::spec::{self, DEFAULT_KILL_GRACE_MS, Limits};
+use berth_model::task::{Effect, FinishReason, TaskEvent, TaskState, step};
+use berth_proto as pb;
+use rand::Rng;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::error::SchedulerError;
+use crate::placement::{self, NodeView, Strategy};
+use crate::store::{Store, Write};
+
+/// Outbound buffer per agent; an agent this far behind is disconnected and must re-register.
+pub(crate) const AGENT_QUEUE_LEN: usize = 4096;
+const WATCH_QUEUE: usize = 8192;
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Tunables of the cluster actor.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// How often agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is lost.
+    pub heartbeat_timeout: Duration,
+    /// Node choice among those that fit.
+    pub strategy: Strategy,
+    /// Limits every job spec is checked against.
+    pub limits: Limits,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(10),
+            strategy: Strategy::Binpack,
+            limits: Limits::default(),
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SchedulerError>>;
+
+/// A request to the actor.
+pub enum Command {
+    /// Validate, store and schedule a job.
+    CreateJob(pb::JobSpec, Reply<pb::Job>),
+    /// A job and its tasks, by id or active name.
+    GetJob(String, Reply<(pb::Job, Vec<pb::Task>)>),
+    /// A page of jobs.
+    ListJobs(pb::ListJobsRequest, Reply<pb::ListJobsResponse>),
+    /// Kill every task of a job.
+    KillJob(String, Reply<pb::Job>),
+    /// Kill one task.
+    KillTask(String, Reply<pb::Task>),
+    /// Change a service job's desired count.
+    UpdateCapacity(String, u32, Reply<pb::Job>),
+    /// All jobs now, and every change from this point on.
+    Watch(Reply<(Vec<pb::Job>, broadcast::Receiver<pb::WatchJobsResponse>)>),
+    /// Tasks, optionally of one job and in some states.
+    ListTasks(pb::ListTasksRequest, Reply<Vec<pb::Task>>),
+    /// One task.
+    GetTask(String, Reply<pb::Task>),
+    /// All nodes.
+    ListNodes(Reply<Vec<pb::Node>>),
+    /// An agent opened its stream and registered.
+    Register {
+        /// What it said.
+        register: pb::Register,
+        /// Distinguishes this stream from the node's earlier ones.
+        conn_id: u64,
+        /// Where to send orders.
+        tx: mpsc::Sender<pb::SchedulerMessage>,
+        /// Ok once reconciled.
+        reply: Reply<()>,
+    },
+    /// A message on an agent's stream after Register.
+    FromAgent {
+        /// The registered node.
+        node_id: String,
+        /// Its stream.
+        conn_id: u64,
+        /// The message.
+        msg: pb::agent_message::Msg,
+    },
+    /// An agent's stream ended.
+    Disconnected {
+        /// The registered node.
+        node_id: String,
+        /// The stream that ended.
+        conn_id: u64,
+    },
+}
+
+/// A cheap, cloneable way to talk to the actor.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl ClusterHandle {
+    /// Sends a command built around a reply channel and waits for the answer.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, SchedulerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| SchedulerError::ShuttingDown)?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// Sends a command that has no reply.
+    pub async fn tell(&self, cmd: Command) {
+        // Only fails when the actor is gone, i.e. during shutdown.
+        let _ = self.tx.send(cmd).await;
+    }
+}
+
+struct AgentConn {
+    id: u64,
+    tx: mpsc::Sender<pb::SchedulerMessage>,
+}
+
+struct NodeEntry {
+    info: pb::Node,
+    allocated: Resources,
+    conn: Option<AgentConn>,
+    last_seen: Instant,
+}
+
+struct Cluster {
+    cfg: ClusterConfig,
+    store: Store,
+    jobs: BTreeMap<String, pb::Job>,
+    tasks: HashMap<String, pb::Task>,
+    job_tasks: HashMap<String, Vec<String>>,
+    active_names: HashMap<String, String>,
+    nodes: BTreeMap<String, NodeEntry>,
+    watch: broadcast::Sender<pb::WatchJobsResponse>,
+    dirty_jobs: BTreeSet<String>,
+    dirty_tasks: BTreeSet<String>,
+    outbox: Vec<(String, pb::SchedulerMessage)>,
+}
+
+/// Loads the store and starts the actor; it stops when `cancel` fires.
+pub fn spawn(
+    store: Store,
+    cfg: ClusterConfig,
+    cancel: CancellationToken,
+) -> Result<(ClusterHandle, tokio::task::JoinHandle<()>), SchedulerError> {
+    let snap = store.load()?;
+    let (watch, _) = broadcast::channel(WATCH_QUEUE);
+    let mut c = Cluster {
+        cfg,
+        store,
+        jobs: BTreeMap::new(),
+        tasks: HashMap::new(),
+        job_tasks: HashMap::new(),
+        active_names: HashMap::new(),
+        nodes: BTreeMap::new(),
+        watch,
+        dirty_jobs: BTreeSet::new(),
+        dirty_tasks: BTreeSet::new(),
+        outbox: Vec::new(),
+    };
+    c.restore(snap);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let join = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => c.handle(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => c.tick(),
+            }
+        }
+        debug!("Cluster actor stopped.");
+    });
+    Ok((ClusterHandle { tx }, join))
+}
+
+fn job_type(job: &pb::Job) -> pb::JobType {
+    job.spec
+        .as_ref()
+        .and_then(|s| pb::JobType::try_from(s.r#type).ok())
+        .unwrap_or(pb::JobType::Unspecified)
+}
+
+fn task_resources(job: &pb::Job) -> Resources {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.container.as_ref())
+        .and_then(|c| c.resources.as_ref())
+        .map(Resources::from)
+        .unwrap_or_default()
+}
+
+fn state_of(t: &pb::Task) -> Option<TaskState> {
+    TaskState::from_proto(t.state, t.reason, t.exit_code)
+}
+
+fn is_live(t: &pb::Task) -> bool {
+    state_of(t).is_some_and(|s| !s.is_finished())
+}
+
+fn job_is_active(job: &pb::Job) -> bool {
+    matches!(
+        pb::JobState::try_from(job.state),
+        Ok(pb::JobState::Active | pb::JobState::KillInitiated)
+    )
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Cluster {
+    fn restore(&mut self, snap: crate::store::Snapshot) {
+        for job in snap.jobs {
+            if job_is_active(&job)
+                && let Some(spec) = &job.spec
+            {
+                self.active_names.insert(spec.name.clone(), job.id.clone());
+            }
+            self.jobs.insert(job.id.clone(), job);
+        }
+        let now = Instant::now();
+        let mut tasks = snap.tasks;
+        tasks.sort_by_key(|t| (t.index, t.attempt));
+        for t in tasks {
+            if state_of(&t).is_some_and(|s| s.is_on_node()) {
+                // Until the agent reconnects, its node is known only by the tasks on it; if it
+                // stays silent for the heartbeat timeout, those tasks are lost.
+                let res = self
+                    .jobs
+                    .get(&t.job_id)
+                    .map(task_resources)
+                    .unwrap_or_default();
+                let node = self
+                    .nodes
+                    .entry(t.node_id.clone())
+                    .or_insert_with(|| NodeEntry {
+                        info: pb::Node {
+                            id: t.node_id.clone(),
+                            state: pb::NodeState::Ready as i32,
+                            ..Default::default()
+                        },
+                        allocated: Resources::default(),
+                        conn: None,
+                        last_seen: now,
+                    });
+                node.allocated = node.allocated.saturating_add(&res);
+            }
+            self.job_tasks
+                .entry(t.job_id.clone())
+                .or_default()
+                .push(t.id.clone());
+            self.tasks.insert(t.id.clone(), t);
+        }
+        info!(
+            jobs = self.jobs.len(),
+            tasks = self.tasks.len(),
+            nodes = self.nodes.len(),
+            "Restored cluster state."
+        );
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::CreateJob(spec, reply) => {
+                let r = self.create_job(spec);
+                self.finish(reply, r);
+            }
+            Command::GetJob(id, reply) => {
+                let r = self.find_job(&id).map(|job| {
+                    let tasks = self.tasks_of(&job.id);
+                    (job.clone(), tasks)
+                });
+                let _ = reply.send(r);
+            }
+            Command::ListJobs(req, reply) => {
+                let _ = reply.send(self.list_jobs(&req));
+            }
+            Command::KillJob(id, reply) => {
+                let r = self.kill_job(&id);
+                self.finish(reply, r);
+            }
+            Command::KillTask(id, reply) => {
+                let r = self.kill_task(&id);
+                self.finish(reply, r);
+            }
+            Command::UpdateCapacity(id, n, reply) => {
+                let r = self.update_capacity(&id, n);
+                self.finish(reply, r);
+            }
+            Command::Watch(reply) => {
+                let rx = self.watch.subscribe();
+                let _ = reply.send(Ok((self.jobs.values().cloned().collect(), rx)));
+            }
+            Command::ListTasks(req, reply) => {
+                let mut tasks: Vec<pb::Task> = if req.job_id.is_empty() {
+                    self.tasks.values().cloned().collect()
+                } else {
+                    match self.find_job(&req.job_id) {
+                        Ok(job) => self.tasks_of(&job.id.clone()),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    }
+                };
+                if !req.states.is_empty() {
+                    tasks.retain(|t| req.states.contains(&t.state));
+                }
+                tasks.sort_by(|a, b| {
+                    (&a.job_id, a.index, a.attempt).cmp(&(&b.job_id, b.index, b.attempt))
+                });
+                let _ = reply.send(Ok(tasks));
+            }
+            Command::GetTask(id, reply) => {
+                let r = self
+                    .tasks
+                    .get(&id)
+                    .cloned()
+                    .ok_or(SchedulerError::NotFound { kind: "task", id });
+                let _ = reply.send(r);
+            }
+            Command::ListNodes(reply) => {
+                let nodes = self
+                    .nodes
+                    .values()
+                    .map(|n| {
+                        let mut info = n.info.clone();
+                        info.allocated = Some(n.allocated.into());
+                        info.tasks = self
+                            .tasks
+                            .values()
+                            .filter(|t| t.node_id == n.info.id && is_live(t))
+                            .count() as u32;
+                        info
+                    })
+                    .collect();
+                let _ = reply.send(Ok(nodes));
+            }
+            Command::Register {
+                register,
+                conn_id,
+                tx,
+                reply,
+            } => {
+                let r = self.register(register, conn_id, tx);
+                self.finish(reply, r);
+            }
+            Command::FromAgent {
+                node_id,
+                conn_id,
+                msg,
+            } => {
+                self.on_agent_message(&node_id, conn_id, msg);
+                self.schedule();
+                let _ = self.flush();
+            }
+            Command::Disconnected { node_id, conn_id } => {
+                if let Some(n) = self.nodes.get_mut(&node_id)
+                    && n.conn.as_ref().is_some_and(|c| c.id == conn_id)
+                {
+                    info!(
+                        node_id,
+                        "Agent disconnected; its tasks are kept until the heartbeat timeout."
+                    );
+                    n.conn = None;
+                }
+            }
+        }
+    }
+
+    /// Schedules, commits, then replies: the caller hears back only about durable state.
+    fn finish<T>(&mut self, reply: Reply<T>, r: Result<T, SchedulerError>) {
+        self.schedule();
+        match self.flush() {
+            Ok(()) => {
+                let _ = reply.send(r);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.heartbeat_timeout;
+        let lost: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.info.state == pb::NodeState::Ready as i32
+                    && now.duration_since(n.last_seen) > timeout
+            })
+            .map(|n| n.info.id.clone())
+            .collect();
+        for node_id in lost {
+            self.node_lost(&node_id);
+        }
+        self.schedule();
+        let _ = self.flush();
+    }
+
+    fn node_lost(&mut self, node_id: &str) {
+        warn!(node_id, "Node missed heartbeats; its tasks are lost.");
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.info.state = pb::NodeState::Lost as i32;
+            n.conn = None;
+        }
+        let ids: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.node_id == node_id && state_of(t).is_some_and(|s| s.is_on_node()))
+            .map(|t| t.id.clone())
+            .collect();
+        for id in ids {
+            let _ = self.transition(&id, TaskEvent::NodeLost, "node stopped sending heartbeats");
+        }
+    }
+
+    /// Commits dirty records, then tells watchers and agents.
+    fn flush(&mut self) -> Result<(), SchedulerError> {
+        if self.dirty_jobs.is_empty() && self.dirty_tasks.is_empty() && self.outbox.is_empty() {
+            return Ok(());
+        }
+        let mut writes = Vec::with_capacity(self.dirty_jobs.len() + self.dirty_tasks.len());
+        for id in &self.dirty_tasks {
+            if let Some(t) = self.tasks.get(id) {
+                writes.push(Write::Task(Box::new(t.clone())));
+            }
+        }
+        for id in &self.dirty_jobs {
+            if let Some(j) = self.jobs.get(id) {
+                writes.push(Write::Job(Box::new(j.clone())));
+            }
+        }
+        if let Err(e) = self.store.commit(&writes) {
+            // Memory is ahead of the store; the changes stay dirty and are retried on the next
+            // flush. Orders to agents wait too, so nothing acts on unstored state.
+            error!(error = %e, "Cannot commit cluster state; will retry.");
+            return Err(e.into());
+        }
+        for w in writes {
+            let ev = match w {
+                Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
+                Write::Task(t) => pb::watch_jobs_response::Event::Task(*t),
+            };
+            let _ = self.watch.send(pb::WatchJobsResponse { event: Some(ev) });
+        }
+        self.dirty_jobs.clear();
+        self.dirty_tasks.clear();
+        for (node_id, msg) in std::mem::take(&mut self.outbox) {
+            let Some(n) = self.nodes.get_mut(&node_id) else {
+                continue;
+            };
+            let Some(conn) = &n.conn else {
+                debug!(node_id, "Agent not connected; it reconciles on reconnect.");
+                continue;
+            };
+            if conn.tx.try_send(msg).is_err() {
+                warn!(
+                    node_id,
+                    "Agent stream is full or closed; dropping it so the agent re-registers."
+                );
+                n.conn = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn find_job(&self, id: &str) -> Result<&pb::Job, SchedulerError> {
+        // An id, else the active job of that name, else the newest finished one (ids sort by time).
+        self.jobs
+            .get(id)
+            .or_else(|| self.active_names.get(id).and_then(|jid| self.jobs.get(jid)))
+            .or_else(|| {
+                self.jobs
+                    .values()
+                    .rev()
+                    .find(|j| j.spec.as_ref().is_some_and(|s| s.name == id))
+            })
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "job",
+                id: id.to_string(),
+            })
+    }
+
+    fn tasks_of(&self, job_id: &str) -> Vec<pb::Task> {
+        self.job_tasks
+            .get(job_id)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| self.tasks.get(id).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn new_task(&mut self, job_id: &str, index: u32, attempt: u32, not_before: i64) -> String {
+        let id = format!("{job_id}-{index}-{attempt}");
+        let now = now_unix_ms();
+        let t = pb::Task {
+            id: id.clone(),
+            job_id: job_id.to_string(),
+            index,
+            attempt,
+            state: pb::TaskState::Accepted as i32,
+            history: vec![pb::TaskTransition {
+                state: pb::TaskState::Accepted as i32,
+                at_unix_ms: now,
+                ..Default::default()
+            }],
+            not_before_unix_ms: not_before,
+            ..Default::default()
+        };
+        self.job_tasks
+            .entry(job_id.to_string())
+            .or_default()
+            .push(id.clone());
+        self.tasks.insert(id.clone(), t);
+        self.dirty_tasks.insert(id.clone());
+        id
+    }
+
+    fn create_job(&mut self, spec: pb::JobSpec) -> Result<pb::Job, SchedulerError> {
+        spec::validate(&spec, &self.cfg.limits)?;
+        if self.active_names.contains_key(&spec.name) {
+            return Err(SchedulerError::NameTaken(spec.name));
+        }
+        let now = now_unix_ms();
+        let job = pb::Job {
+            id: uuid::Uuid::now_v7().to_string(),
+            state: pb::JobState::Active as i32,
+            created_unix_ms: now,
+            updated_unix_ms: now,
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let n = job.spec.as_ref().map_or(0, |s| s.tasks);
+        let tasks: Vec<pb::Task> = (0..n)
+            .map(|i| pb::Task {
+                id: format!("{}-{i}-0", job.id),
+                job_id: job.id.clone(),
+                index: i,
+                state: pb::TaskState::Accepted as i32,
+                history: vec![pb::TaskTransition {
+                    state: pb::TaskState::Accepted as i32,
+                    at_unix_ms: now,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect();
+        // Stored before it enters memory: a failed commit leaves no trace.
+        let mut writes = vec![Write::Job(Box::new(job.clone()))];
+        writes.extend(tasks.iter().cloned().map(|t| Write::Task(Box::new(t))));
+        self.store.commit(&writes)?;
+        for w in writes {
+            let ev = match w {
+                Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
+                Write::Task(t) => pb::watch_jobs_response::Event::Task(*t),
+            };
+            let _ = self.watch.send(pb::WatchJobsResponse { event: Some(ev) });
+        }
+        let name = job
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        self.active_names.insert(name.clone(), job.id.clone());
+        let ids = self.job_tasks.entry(job.id.clone()).or_default();
+        for t in tasks {
+            ids.push(t.id.clone());
+            self.tasks.insert(t.id.clone(), t);
+        }
+        self.jobs.insert(job.id.clone(), job.clone());
+        self.refresh_job(&job.id);
+        info!(job_id = %job.id, name, tasks = n, "Job accepted.");
+        Ok(self.jobs.get(&job.id).cloned().unwrap_or(job))
+    }
+
+    fn list_jobs(&self, req: &pb::ListJobsRequest) -> Result<pb::ListJobsResponse, SchedulerError> {
+        let size = match req.page_size {
+            0 => 100,
+            n if n > 1000 => {
+                return Err(SchedulerError::BadField {
+                    field: "page_size",
+                    reason: "at most 1000".into(),
+                });
+            }
+            n => n as usize,
+        };
+        let mut jobs = Vec::new();
+        let mut next_cursor = String::new();
+        let start = if req.cursor.is_empty() {
+            std::ops::Bound::Unbounded
+        } else {
+            std::ops::Bound::Excluded(req.cursor.clone())
+        };
+        for job in self
+            .jobs
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, j)| j)
+        {
+            if !req.states.is_empty() && !req.states.contains(&job.state) {
+                continue;
+            }
+            let labels = job.spec.as_ref().map(|s| &s.labels);
+            if !req
+                .labels
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            {
+                continue;
+            }
+            if jobs.len() == size {
+                next_cursor = jobs
+                    .last()
+                    .map(|j: &pb::Job| j.id.clone())
+                    .unwrap_or_default();
+                break;
+            }
+            jobs.push(job.clone());
+        }
+        Ok(pb::ListJobsResponse { jobs, next_cursor })
+    }
+
+    fn kill_job(&mut self, id: &str) -> Result<pb::Job, SchedulerError> {
+        let job_id = self.find_job(id)?.id.clone();
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .ok_or(SchedulerError::ShuttingDown)?;
+        if job.state != pb::JobState::Active as i32 {
+            return Ok(job.clone());
+        }
+        job.state = pb::JobState::KillInitiated as i32;
+        job.message = "killed on request".into();
+        self.dirty_jobs.insert(job_id.clone());
+        let live: Vec<String> = self
+            .tasks_of(&job_id)
+            .into_iter()
+            .filter(is_live)
+            .map(|t| t.id)
+            .collect();
+        for t in live {
+            let _ = self.transition(&t, TaskEvent::KillRequested, "job killed");
+        }
+        self.refresh_job(&job_id);
+        info!(job_id, "Job kill initiated.");
+        self.jobs
+            .get(&job_id)
+            .cloned()
+            .ok_or(SchedulerError::ShuttingDown)
+    }
+
+    fn kill_task(&mut self, id: &str) -> Result<pb::Task, SchedulerError> {
+        let t = self.tasks.get(id).ok_or_else(|| SchedulerError::NotFound {
+            kind: "task",
+            id: id.to_string(),
+        })?;
+        match state_of(t) {
+            Some(TaskState::KillInitiated) => {}
+            Some(TaskState::Finished(r)) => {
+                return Err(SchedulerError::Precondition(format!(
+                    "task {id} already finished ({r})"
+                )));
+            }
+            _ => {
+                self.transition(id, TaskEvent::KillRequested, "killed on request")
+                    .map_err(|e| SchedulerError::Precondition(e.to_string()))?;
+            }
+        }
+        self.tasks
+            .get(id)
+            .cloned()
+            .ok_or(SchedulerError::ShuttingDown)
+    }
+
+    fn update_capacity(&mut self, id: &str, n: u32) -> Result<pb::Job, SchedulerError> {
+        let job = self.find_job(id)?.clone();
+        if job_type(&job) != pb::JobType::Service {
+            return Err(SchedulerError::Precondition(
+                "only service jobs have a capacity".into(),
+            ));
+        }
+        if job.state != pb::JobState::Active as i32 {
+            return Err(SchedulerError::Precondition(format!(
+                "job {} is not active",
+                job.id
+            )));
+        }
+        if n > self.cfg.limits.max_tasks {
+            return Err(SchedulerError::BadField {
+                field: "tasks",
+                reason: format!("at most {}", self.cfg.limits.max_tasks),
+            });
+        }
+        if let Some(j) = self.jobs.get_mut(&job.id)
+            && let Some(spec) = j.spec.as_mut()
+        {
+            spec.tasks = n;
+        }
+        self.dirty_jobs.insert(job.id.clone());
+        let mut live: Vec<pb::Task> = self.tasks_of(&job.id).into_iter().filter(is_live).collect();
+        live.sort_by_key(|t| t.index);
+        if live.len() > n as usize {
+            for t in &live[n as usize..] {
+                let _ = self.transition(&t.id, TaskEvent::KillRequested, "scaled down");
+            }
+        } else {
+            let used: BTreeSet<u32> = live.iter().map(|t| t.index).collect();
+            let mut next = 0;
+            for _ in live.len()..n as usize {
+                while used.contains(&next) {
+                    next += 1;
+                }
+                let attempt = self
+                    .tasks_of(&job.id)
+                    .iter()
+                    .filter(|t| t.index == next)
+                    .map(|t| t.attempt + 1)
+                    .max()
+                    .unwrap_or(0);
+                self.new_task(&job.id, next, attempt, 0);
+                next += 1;
+            }
+        }
+        self.refresh_job(&job.id);
+        self.jobs
+            .get(&job.id)
+            .cloned()
+            .ok_or(SchedulerError::ShuttingDown)
+    }
+
+    /// Applies one event to one task and runs the resulting effects.
+    fn transition(
+        &mut self,
+        task_id: &str,
+        event: TaskEvent,
+        message: &str,
+    ) -> Result<TaskState, berth_model::task::TransitionError> {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return Err(berth_model::task::TransitionError {
+                from: TaskState::Accepted,
+                event,
+            });
+        };
+        let from = state_of(t).unwrap_or(TaskState::Accepted);
+        let (next, effects) = step(from, event)?;
+        let (st, reason, code) = next.to_proto();
+        t.state = st as i32;
+        t.reason = reason as i32;
+        t.exit_code = code;
+        if !message.is_empty() {
+            t.message = message.to_string();
+        }
+        if next != TaskState::Accepted {
+            t.pending_reason.clear();
+        }
+        t.history.push(pb::TaskTransition {
+            state: st as i32,
+            reason: reason as i32,
+            at_unix_ms: now_unix_ms(),
+            message: message.to_string(),
+        });
+        let t = t.clone();
+        self.dirty_tasks.insert(t.id.clone());
+        debug!(task_id, %from, to = %next, "Task transition.");
+        let job = self.jobs.get(&t.job_id).cloned();
+        for e in effects {
+            match e {
+                Effect::SendAssignment => {
+                    let Some(job) = &job else { continue };
+                    let spec = job.spec.clone().unwrap_or_default();
+                    let msg = pb::scheduler_message::Msg::Assign(pb::TaskAssignment {
+                        task_id: t.id.clone(),
+                        job_id: t.job_id.clone(),
+                        index: t.index,
+                        attempt: t.attempt,
+                        container: spec.container,
+                        runtime_limit_ms: spec.runtime_limit_ms,
+                    });
+                    self.outbox
+                        .push((t.node_id.clone(), pb::SchedulerMessage { msg: Some(msg) }));
+                }
+                Effect::SendKill => {
+                    let grace = job
+                        .as_ref()
+                        .and_then(|j| j.spec.as_ref())
+                        .and_then(|s| s.container.as_ref())
+                        .map(|c| c.kill_grace_ms)
+                        .filter(|&g| g > 0)
+                        .unwrap_or(DEFAULT_KILL_GRACE_MS);
+                    let msg = pb::scheduler_message::Msg::Kill(pb::KillOrder {
+                        task_id: t.id.clone(),
+                        grace_ms: grace,
+                    });
+                    self.outbox
+                        .push((t.node_id.clone(), pb::SchedulerMessage { msg: Some(msg) }));
+                }
+                Effect::ReleaseResources => {
+                    let res = job.as_ref().map(task_resources).unwrap_or_default();
+                    if let Some(n) = self.nodes.get_mut(&t.node_id) {
+                        n.allocated = n.allocated.saturating_sub(&res);
+                    }
+                }
+            }
+        }
+        if let TaskState::Finished(reason) = next {
+            info!(task_id, job_id = %t.job_id, %reason, "Task finished.");
+            self.on_task_finished(&t, reason);
+        }
+        Ok(next)
+    }
+
+    fn backoff_ms(&self, job: &pb::Job, attempt: u32) -> i64 {
+        let base = job
+            .spec
+            .as_ref()
+            .and_then(|s| s.retry.as_ref())
+            .map(|r| r.backoff_ms)
+            .filter(|&b| b > 0)
+            .unwrap_or(1000);
+        let exp = base.saturating_mul(1u64 << attempt.min(16));
+        let capped = exp.min(MAX_BACKOFF.as_millis() as u64);
+        // Up to 20% jitter so that tasks failing together do not retry together.
+        let jitter = rand::rng().random_range(0..=capped / 5);
+        i64::try_from(capped + jitter).unwrap_or(i64::MAX)
+    }
+
+    fn on_task_finished(&mut self, t: &pb::Task, reason: FinishReason) {
+        let Some(job) = self.jobs.get(&t.job_id).cloned() else {
+            return;
+        };
+        let active = job.state == pb::JobState::Active as i32;
+        match job_type(&job) {
+            pb::JobType::Batch => {
+                let max = job
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.retry.as_ref())
+                    .map_or(0, |r| r.max_retries);
+                let retryable = !reason.is_success() && reason != FinishReason::Killed;
+                if active && retryable && t.attempt < max {
+                    let at = now_unix_ms() + self.backoff_ms(&job, t.attempt);
+                    self.new_task(&job.id, t.index, t.attempt + 1, at);
+                }
+            }
+            pb::JobType::Service => {
+                let desired = job.spec.as_ref().map_or(0, |s| s.tasks) as usize;
+                let live = self.tasks_of(&job.id).iter().filter(|x| is_live(x)).count();
+                if active && live < desired {
+                    let delay = match reason {
+                        FinishReason::Lost | FinishReason::Killed | FinishReason::Normal => 0,
+                        _ => self.backoff_ms(&job, t.attempt),
+                    };
+                    self.new_task(&job.id, t.index, t.attempt + 1, now_unix_ms() + delay);
+                }
+            }
+            pb::JobType::Unspecified => {}
+        }
+        self.refresh_job(&job.id);
+    }
+
+    /// Recomputes a job's counts and, when all its work is done, its final state.
+    fn refresh_job(&mut self, job_id: &str) {
+        let tasks = self.tasks_of(job_id);
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let mut counts = pb::TaskCounts::default();
+        for t in &tasks {
+            match state_of(t) {
+                Some(TaskState::Accepted) => counts.accepted += 1,
+                Some(TaskState::Launched) => counts.launched += 1,
+                Some(TaskState::StartInitiated) => counts.start_initiated += 1,
+                Some(TaskState::Started) => counts.started += 1,
+                Some(TaskState::KillInitiated) => counts.kill_initiated += 1,
+                Some(TaskState::Finished(r)) => {
+                    counts.finished += 1;
+                    if r.is_success() {
+                        counts.succeeded += 1;
+                    } else {
+                        counts.failed += 1;
+                    }
+                }
+                None => {}
+            }
+        }
+        let live = tasks.iter().any(is_live);
+        let old_state = job.state;
+        if job.state == pb::JobState::KillInitiated as i32 && !live {
+            job.state = pb::JobState::Killed as i32;
+        } else if job.state == pb::JobState::Active as i32
+            && !live
+            && job
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.r#type == pb::JobType::Batch as i32)
+        {
+            // Every index's latest attempt is final (a retry would be live or pending).
+            let mut latest: BTreeMap<u32, &pb::Task> = BTreeMap::new();
+            for t in &tasks {
+                if latest.get(&t.index).is_none_or(|l| l.attempt < t.attempt) {
+                    latest.insert(t.index, t);
+                }
+            }
+            let failed: Vec<&&pb::Task> = latest
+                .values()
+                .filter(|t| !matches!(state_of(t), Some(TaskState::Finished(FinishReason::Normal))))
+                .collect();
+            if failed.is_empty() {
+                job.state = pb::JobState::Succeeded as i32;
+                job.message = format!("all {} tasks succeeded", latest.len());
+            } else {
+                job.state = pb::JobState::Failed as i32;
+                let first = failed[0];
+                let why = state_of(first).map(|s| s.to_string()).unwrap_or_default();
+                job.message = format!(
+                    "{} of {} tasks failed; task {} (index {}, {} attempts): {why}",
+                    failed.len(),
+                    latest.len(),
+                    first.id,
+                    first.index,
+                    first.attempt + 1
+                );
+            }
+        }
+        if job.counts.as_ref() != Some(&counts) || job.state != old_state {
+            job.counts = Some(counts);
+            job.updated_unix_ms = now_unix_ms();
+            self.dirty_jobs.insert(job_id.to_string());
+        }
+        if job.state != old_state && !job_is_active(job) {
+            if let Some(spec) = &job.spec
+                && self
+                    .active_names
+                    .get(&spec.name)
+                    .is_some_and(|id| id == job_id)
+            {
+                self.active_names.remove(&spec.name);
+            }
+            info!(job_id, state = ?pb::JobState::try_from(job.state), message = %job.message, "Job finished.");
+        }
+    }
+
+    /// Places every pending task whose backoff has passed, in submission order.
+    fn schedule(&mut self) {
+        let now = now_unix_ms();
+        let mut pending: Vec<(String, u32, u32, String)> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == pb::TaskState::Accepted as i32 && t.not_before_unix_ms <= now)
+            .map(|t| (t.job_id.clone(), t.index, t.attempt, t.id.clone()))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        pending.sort();
+        let ids: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.conn.is_some() && n.info.state == pb::NodeState::Ready as i32)
+            .map(|n| n.info.id.clone())
+            .collect();
+        let mut caps: Vec<Resources> = Vec::with_capacity(ids.len());
+        let mut frees: Vec<Resources> = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let n = &self.nodes[id];
+            let cap = n
+                .info
+                .capacity
+                .as_ref()
+                .map(Resources::from)
+                .unwrap_or_default();
+            caps.push(cap);
+            frees.push(cap.saturating_sub(&n.allocated));
+        }
+        for (job_id, _, _, task_id) in pending {
+            let Some(job) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let req = task_resources(job);
+            let views: Vec<NodeView<'_>> = ids
+                .iter()
+                .zip(caps.iter().zip(&frees))
+                .map(|(id, (c, f))| NodeView {
+                    id,
+                    capacity: *c,
+                    free: *f,
+                })
+                .collect();
+            match placement::place(&req, &views, self.cfg.strategy) {
+                Ok(i) => {
+                    frees[i] = frees[i].saturating_sub(&req);
+                    let node_id = ids[i].clone();
+                    if let Some(n) = self.nodes.get_mut(&node_id) {
+                        n.allocated = n.allocated.saturating_add(&req);
+                    }
+                    if let Some(t) = self.tasks.get_mut(&task_id) {
+                        t.node_id = node_id.clone();
+                    }
+                    let _ = self.transition(&task_id, TaskEvent::Placed, "");
+                    debug!(task_id, node_id, "Task placed.");
+                    self.refresh_job(&job_id);
+                }
+                Err(reason) => {
+                    if let Some(t) = self.tasks.get_mut(&task_id)
+                        && t.pending_reason != reason
+                    {
+                        t.pending_reason = reason;
+                        self.dirty_tasks.insert(task_id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn register(
+        &mut self,
+        reg: pb::Register,
+        conn_id: u64,
+        tx: mpsc::Sender<pb::SchedulerMessage>,
+    ) -> Result<(), SchedulerError> {
+        if !valid_node_id(&reg.node_id) {
+            return Err(SchedulerError::BadField {
+                field: "register.node_id",
+                reason: "1-128 characters: letters, digits, `-`, `_`, `.`".into(),
+            });
+        }
+        let Some(capacity) = reg.capacity.as_ref().map(Resources::from) else {
+            return Err(SchedulerError::BadField {
+                field: "register.capacity",
+                reason: "is required".into(),
+            });
+        };
+        if reg.tasks.len() > 100_000 || reg.attributes.len() > 64 {
+            return Err(SchedulerError::BadField {
+                field: "register",
+                reason: "too many tasks or attributes".into(),
+            });
+        }
+        let node_id = reg.node_id.clone();
+        let registered = pb::SchedulerMessage {
+            msg: Some(pb::scheduler_message::Msg::Registered(pb::Registered {
+                heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            })),
+        };
+        // Queue Registered first so that the agent hears it before any order.
+        tx.try_send(registered)
+            .map_err(|_| SchedulerError::ShuttingDown)?;
+        let entry = self
+            .nodes
+            .entry(node_id.clone())
+            .or_insert_with(|| NodeEntry {
+                info: pb::Node::default(),
+                allocated: Resources::default(),
+                conn: None,
+                last_seen: Instant::now(),
+            });
+        entry.info = pb::Node {
+            id: node_id.clone(),
+            state: pb::NodeState::Ready as i32,
+            capacity: Some(capacity.into()),
+            attributes: reg.attributes.clone(),
+            log_address: reg.log_address.clone(),
+            last_seen_unix_ms: now_unix_ms(),
+            ..Default::default()
+        };
+        entry.conn = Some(AgentConn { id: conn_id, tx });
+        entry.last_seen = Instant::now();
+        info!(node_id, %capacity, tasks = reg.tasks.len(), "Agent registered.");
+
+        // Reconcile: the scheduler's view wins. The agent's report is complete, so a task the
+        // store places here that the agent does not know of is lost.
+        let reported: BTreeSet<String> = reg.tasks.iter().map(|s| s.task_id.clone()).collect();
+        for status in reg.tasks {
+            self.apply_status(&node_id, status);
+        }
+        let missing: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.node_id == node_id && state_of(t).is_some_and(|s| s.is_on_node()))
+            .filter(|t| !reported.contains(&t.id))
+            .map(|t| t.id.clone())
+            .collect();
+        for id in missing {
+            let _ = self.transition(
+                &id,
+                TaskEvent::NodeLost,
+                "agent restarted without this task",
+            );
+        }
+        // Recompute the allocation from the tasks now on the node.
+        let mut alloc = Resources::default();
+        for t in self.tasks.values() {
+            if t.node_id == node_id && state_of(t).is_some_and(|s| s.is_on_node()) {
+                let res = self
+                    .jobs
+                    .get(&t.job_id)
+                    .map(task_resources)
+                    .unwrap_or_default();
+                alloc = alloc.saturating_add(&res);
+            }
+        }
+        if let Some(n) = self.nodes.get_mut(&node_id) {
+            n.allocated = alloc;
+        }
+        Ok(())
+    }
+
+    fn kill_stray(&mut self, node_id: &str, task_id: &str, why: &str) {
+        warn!(
+            node_id,
+            task_id, why, "Killing a task the scheduler does not expect on this node."
+        );
+        self.outbox.push((
+            node_id.to_string(),
+            pb::SchedulerMessage {
+                msg: Some(pb::scheduler_message::Msg::Kill(pb::KillOrder {
+                    task_id: task_id.to_string(),
+                    grace_ms: DEFAULT_KILL_GRACE_MS,
+                })),
+            },
+        ));
+    }
+
+    fn apply_status(&mut self, node_id: &str, s: pb::TaskStatus) {
+        let Some(reported) = TaskState::from_proto(s.state, s.reason, s.exit_code) else {
+            warn!(node_id, task_id = %s.task_id, "Ignoring a status with an unknown state.");
+            return;
+        };
+        let Some(t) = self.tasks.get(&s.task_id) else {
+            if !reported.is_finished() {
+                self.kill_stray(node_id, &s.task_id, "unknown task");
+            }
+            return;
+        };
+        if t.node_id != node_id {
+            if !reported.is_finished() {
+                self.kill_stray(node_id, &s.task_id, "task belongs to another node");
+            }
+            return;
+        }
+        let current = state_of(t);
+        if current.is_some_and(|c| c.is_finished()) {
+            if !reported.is_finished() {
+                self.kill_stray(node_id, &s.task_id, "task already finished");
+            }
+            return;
+        }
+        let event = match reported {
+            TaskState::StartInitiated => TaskEvent::Starting,
+            TaskState::Started => TaskEvent::Running,
+            TaskState::Finished(r) => TaskEvent::Exited(r),
+            // Launched and KillInitiated are the scheduler's own states; nothing to learn.
+            _ => return,
+        };
+        if current == Some(reported) {
+            return;
+        }
+        if let Err(e) = self.transition(&s.task_id, event, &s.message) {
+            debug!(node_id, error = %e, "Stale task status ignored.");
+        }
+    }
+
+    fn on_agent_message(&mut self, node_id: &str, conn_id: u64, msg: pb::agent_message::Msg) {
+        let Some(n) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        if n.conn.as_ref().is_none_or(|c| c.id != conn_id) {
+            // A stream the node has since replaced; its news is old.
+            return;
+        }
+        n.last_seen = Instant::now();
+        n.info.last_seen_unix_ms = now_unix_ms();
+        match msg {
+            pb::agent_message::Msg::Register(_) => {
+                warn!(node_id, "Ignoring a second Register on one stream.");
+            }
+            pb::agent_message::Msg::Heartbeat(hb) => {
+                for u in hb.usage {
+                    if let Some(t) = self.tasks.get_mut(&u.task_id)
+                        && t.node_id == node_id
+                    {
+                        t.usage = u.usage;
+                    }
+                }
+            }
+            pb::agent_message::Msg::Status(s) => self.apply_status(node_id, s),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The scheduler's durable state: every job and task, as protobuf records.
+//!
+//! A closed set of backends, so an enum: the embedded redb store now, etcd for HA later. A
+//! write batch is committed (fsync'd) in one transaction before anything is acknowledged.
+
+use std::path::{Path, PathBuf};
+
+use berth_proto as pb;
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+
+/// A failure of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or created.
+    #[error("cannot open store at {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// redb's reason.
+        source: redb::DatabaseError,
+    },
+    /// A read or write failed.
+    #[error("store {op} failed: {reason}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// redb's reason.
+        reason: String,
+    },
+    /// A stored record does not decode.
+    #[error("stored {kind} {key} is corrupt: {source}")]
+    Corrupt {
+        /// `job` or `task`.
+        kind: &'static str,
+        /// Its key.
+        key: String,
+        /// prost's reason.
+        source: prost::DecodeError,
+    },
+}
+
+fn io(op: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
+    move |e| StoreError::Io {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// One record to write.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Insert or replace a job.
+    Job(Box<pb::Job>),
+    /// Insert or replace a task.
+    Task(Box<pb::Task>),
+}
+
+/// Everything the store holds, as loaded at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// All jobs.
+    pub jobs: Vec<pb::Job>,
+    /// All tasks.
+    pub tasks: Vec<pb::Task>,
+}
+
+/// The embedded store: one redb file under the scheduler's data dir.
+pub struct RedbStore {
+    db: Database,
+}
+
+/// The scheduler's state store.
+pub enum Store {
+    /// Embedded, single-node (default).
+    Redb(RedbStore),
+}
+
+impl Store {
+    /// Opens (or creates) the embedded store at `path`.
+    pub fn open_redb(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let tx = db.begin_write().map_err(|e| io("begin")(&e))?;
+        tx.open_table(JOBS).map_err(|e| io("create table")(&e))?;
+        tx.open_table(TASKS).map_err(|e| io("create table")(&e))?;
+        tx.commit().map_err(|e| io("commit")(&e))?;
+        Ok(Store::Redb(RedbStore { db }))
+    }
+
+    /// Reads every job and task.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let Store::Redb(s) = self;
+        let tx = s.db.begin_read().map_err(|e| io("begin read")(&e))?;
+        let mut snap = Snapshot::default();
+        let jobs = tx.open_table(JOBS).map_err(|e| io("open jobs")(&e))?;
+        for row in jobs.iter().map_err(|e| io("scan jobs")(&e))? {
+            let (k, v) = row.map_err(|e| io("scan jobs")(&e))?;
+            let job = pb::Job::decode(v.value()).map_err(|source| StoreError::Corrupt {
+                kind: "job",
+                key: k.value().to_string(),
+                source,
+            })?;
+            snap.jobs.push(job);
+        }
+        let tasks = tx.open_table(TASKS).map_err(|e| io("open tasks")(&e))?;
+        for row in tasks.iter().map_err(|e| io("scan tasks")(&e))? {
+            let (k, v) = row.map_err(|e| io("scan tasks")(&e))?;
+            let task = pb::Task::decode(v.value()).map_err(|source| StoreError::Corrupt {
+                kind: "task",
+                key: k.value().to_string(),
+                source,
+            })?;
+            snap.tasks.push(task);
+        }
+        Ok(snap)
+    }
+
+    /// Writes a batch atomically and durably.
+    pub fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let Store::Redb(s) = self;
+        let tx = s.db.begin_write().map_err(|e| io("begin write")(&e))?;
+        {
+            let mut jobs = tx.open_table(JOBS).map_err(|e| io("open jobs")(&e))?;
+            let mut tasks = tx.open_table(TASKS).map_err(|e| io("open tasks")(&e))?;
+            for w in writes {
+                match w {
+                    Write::Job(j) => {
+                        jobs.insert(j.id.as_str(), j.encode_to_vec().as_slice())
+                            .map_err(|e| io("write job")(&e))?;
+                    }
+                    Write::Task(t) => {
+                        tasks
+                            .insert(t.id.as_str(), t.encode_to_vec().as_slice())
+                            .map_err(|e| io("write task")(&e))?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(|e| io("commit")(&e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        {
+            let store = Store::open_redb(&path).expect("open");
+            let job = pb::Job {
+                id: "j1".into(),
+                state: pb::JobState::Active as i32,
+                ..Default::default()
+            };
+            let task = pb::Task {
+                id: "j1-0-0".into(),
+                job_id: "j1".into(),
+                ..Default::default()
+            };
+            store
+                .commit(&[Write::Job(Box::new(job)), Write::Task(Box::new(task))])
+                .expect("commit");
+        }
+        let store = Store::open_redb(&path).expect("reopen");
+        let snap = store.load().expect("load");
+        assert_eq!(snap.jobs.len(), 1);
+        assert_eq!(snap.jobs[0].id, "j1");
+        assert_eq!(snap.tasks.len(), 1);
+        assert_eq!(snap.tasks[0].job_id, "j1");
+    }
+}
