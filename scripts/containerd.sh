@@ -4,6 +4,9 @@
 #
 #   scripts/containerd.sh start DIR   # prints the socket path once containerd answers
 #   scripts/containerd.sh stop DIR    # stops it and its shims' tasks
+#
+# With BERTH_WATCH_PID set, `start` also stops containerd once that process exits, so a test
+# run that dies cannot leave containerd behind.
 set -euo pipefail
 
 cmd=${1:?usage: containerd.sh start|stop DIR}
@@ -32,6 +35,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 TOML
   nohup containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
   echo $! > "$dir/containerd.pid"
+  if [ -n "${BERTH_WATCH_PID:-}" ]; then
+    self=$(realpath "$0")
+    nohup bash -c "while kill -0 $BERTH_WATCH_PID 2>/dev/null; do sleep 1; done; '$self' stop '$dir'" \
+      >/dev/null 2>&1 &
+  fi
   for _ in $(seq 1 100); do
     if [ -S "$sock" ] && ctr --address "$sock" version >/dev/null 2>&1; then
       echo "$sock"; exit 0

@@ -1,0 +1,317 @@
+//! Test harness: a real containerd (started by `scripts/containerd.sh`, or the one named by
+//! `BERTH_TEST_CONTAINERD`), the test image, and in-process schedulers and agents on loopback.
+
+#![allow(dead_code, missing_docs)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use berth_agent::AgentConfig;
+use berth_model::resources::Resources;
+use berth_proto as pb;
+use berth_scheduler::{ClusterConfig, api, cluster, store::Store};
+use pb::job_service_client::JobServiceClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub const IMAGE: &str = "docker.io/library/busybox:local";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Env {
+    socket: PathBuf,
+    image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("busybox.tar");
+        let out = std::process::Command::new(repo().join("scripts/build-test-image.sh"))
+            .arg(&image)
+            .output()
+            .expect("run build-test-image.sh");
+        assert!(
+            out.status.success(),
+            "build-test-image.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let socket = match std::env::var_os("BERTH_TEST_CONTAINERD") {
+            Some(s) => PathBuf::from(s),
+            None => {
+                let out = std::process::Command::new(repo().join("scripts/containerd.sh"))
+                    .arg("start")
+                    .arg(dir.path().join("containerd"))
+                    .env("BERTH_WATCH_PID", std::process::id().to_string())
+                    .output()
+                    .expect("run containerd.sh");
+                assert!(
+                    out.status.success(),
+                    "containerd.sh start: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            }
+        };
+        Env {
+            socket,
+            image,
+            _dir: dir,
+        }
+    })
+}
+
+pub fn containerd_socket() -> PathBuf {
+    env().socket.clone()
+}
+
+/// A fresh containerd namespace per agent, so tests never see each other's containers.
+pub fn namespace(test: &str) -> String {
+    format!("berth-test-{test}-{}", std::process::id())
+}
+
+/// Imports the test image into `ns`.
+pub async fn import_image(ns: &str) {
+    let rt = berth_agent::runtime::Containerd::connect(&env().socket, ns)
+        .await
+        .expect("connect containerd");
+    let names = rt
+        .import_archive(&env().image)
+        .await
+        .expect("import test image");
+    assert_eq!(names, vec![IMAGE.to_string()]);
+}
+
+pub struct Scheduler {
+    pub addr: SocketAddr,
+    pub cancel: CancellationToken,
+    pub data: PathBuf,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Scheduler {
+    pub async fn start(data: &Path, cfg: ClusterConfig) -> Scheduler {
+        std::fs::create_dir_all(data).expect("data dir");
+        let store = Store::open_redb(&data.join("scheduler.redb")).expect("store");
+        let cancel = CancellationToken::new();
+        let (handle, actor) = cluster::spawn(store, cfg, cancel.clone()).expect("cluster");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (jobs, agents) = api::services(handle);
+        let c = cancel.clone();
+        let join = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(jobs)
+                .add_service(agents)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { c.cancelled().await },
+                )
+                .await;
+            let _ = actor.await;
+        });
+        Scheduler {
+            addr,
+            cancel,
+            data: data.to_path_buf(),
+            join,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.join).await;
+    }
+
+    pub async fn client(&self) -> JobServiceClient<Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect scheduler");
+        JobServiceClient::new(ch)
+    }
+}
+
+pub struct Agent {
+    pub node_id: String,
+    pub namespace: String,
+    pub data: PathBuf,
+    pub cancel: CancellationToken,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Starts an agent with its own data dir, containerd namespace and log service.
+    pub async fn start(
+        node_id: &str,
+        sched: &Scheduler,
+        data: &Path,
+        ns: &str,
+        capacity: Option<Resources>,
+    ) -> Agent {
+        import_image(ns).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let log_address = listener.local_addr().expect("addr").to_string();
+        let cancel = CancellationToken::new();
+        let logs = berth_agent::logs::LogApi::server(data.to_path_buf());
+        let c = cancel.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(logs)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { c.cancelled().await },
+            );
+        let cfg = AgentConfig {
+            node_id: node_id.to_string(),
+            scheduler: format!("http://{}", sched.addr),
+            containerd: env().socket.clone(),
+            namespace: ns.to_string(),
+            data_dir: data.to_path_buf(),
+            reserved: Resources::default(),
+            capacity,
+            attributes: HashMap::from([("zone".to_string(), "test".to_string())]),
+            log_address,
+        };
+        let c = cancel.clone();
+        let join = tokio::spawn(async move {
+            let (r, _) = tokio::join!(berth_agent::run(cfg, c), server);
+            r.expect("agent run");
+        });
+        Agent {
+            node_id: node_id.to_string(),
+            namespace: ns.to_string(),
+            data: data.to_path_buf(),
+            cancel,
+            join,
+        }
+    }
+
+    /// Stops the agent process; its containers keep running.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.join).await;
+    }
+}
+
+/// Kills and removes every container left in `ns`.
+pub async fn clean_namespace(ns: &str) {
+    let rt = berth_agent::runtime::Containerd::connect(&env().socket, ns)
+        .await
+        .expect("connect");
+    for (id, _) in rt.berth_containers().await.expect("list") {
+        let _ = rt.kill(&id, 9).await;
+        for _ in 0..50 {
+            if !matches!(
+                rt.status(&id).await,
+                Ok(berth_agent::runtime::TaskStatus::Running)
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = rt.remove(&id).await;
+    }
+}
+
+/// A spec for the test image running `sh -c script`.
+pub fn spec(name: &str, job_type: pb::JobType, tasks: u32, script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.to_string(),
+        r#type: job_type as i32,
+        tasks,
+        container: Some(pb::Container {
+            image: IMAGE.to_string(),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            resources: Some(pb::Resources {
+                cpu_millis: 100,
+                memory_mib: 64,
+                ..Default::default()
+            }),
+            kill_grace_ms: 10_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub async fn create(c: &mut JobServiceClient<Channel>, spec: pb::JobSpec) -> pb::Job {
+    c.create_job(pb::CreateJobRequest { spec: Some(spec) })
+        .await
+        .expect("create job")
+        .into_inner()
+        .job
+        .expect("job")
+}
+
+pub async fn get(c: &mut JobServiceClient<Channel>, id: &str) -> (pb::Job, Vec<pb::Task>) {
+    let r = c
+        .get_job(pb::GetJobRequest { id: id.to_string() })
+        .await
+        .expect("get job")
+        .into_inner();
+    (r.job.expect("job"), r.tasks)
+}
+
+/// Polls the job until `done` holds; panics with the job's state after `limit`.
+pub async fn wait_until(
+    c: &mut JobServiceClient<Channel>,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&pb::Job, &[pb::Task]) -> bool,
+) -> (pb::Job, Vec<pb::Task>) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (job, tasks) = get(c, id).await;
+        if done(&job, &tasks) {
+            return (job, tasks);
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting on job {id}: {job:#?}\n{tasks:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn is_state(t: &pb::Task, s: pb::TaskState) -> bool {
+    t.state == s as i32
+}
+
+pub fn job_done(j: &pb::Job) -> bool {
+    matches!(
+        pb::JobState::try_from(j.state),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Killed)
+    )
+}
+
+/// The `berth` binary, built by `scripts/test.sh` (or named by BERTH_BIN).
+pub fn berth_bin() -> PathBuf {
+    if let Some(b) = std::env::var_os("BERTH_BIN") {
+        return PathBuf::from(b);
+    }
+    // target/debug/deps/e2e-xxxx -> target/debug/berth
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("berth"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bin berth` or scripts/test.sh",
+        bin.display()
+    );
+    bin
+}
