@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_model::now_unix_ms;
 use berth_model::resources::Resources;
 use berth_model::task::{FinishReason, TaskState};
 use berth_proto as pb;
@@ -216,15 +215,7 @@ impl Core {
         state: TaskState,
         message: impl Into<String>,
     ) -> pb::TaskStatus {
-        let (st, reason, exit_code) = state.to_proto();
-        let s = pb::TaskStatus {
-            task_id: id.to_string(),
-            state: st as i32,
-            reason: reason as i32,
-            exit_code,
-            message: message.into(),
-            at_unix_ms: now_unix_ms(),
-        };
+        let s = supervisor::task_status(id, state, message);
         self.statuses
             .insert(id.to_string(), (s.clone(), tokio::time::Instant::now()));
         s
@@ -238,11 +229,15 @@ impl Core {
         }
     }
 
-    fn register(&mut self) -> pb::Register {
+    fn prune_finished(&mut self) {
         let now = tokio::time::Instant::now();
         self.statuses.retain(|_, (s, at)| {
             s.state != pb::TaskState::Finished as i32 || now.duration_since(*at) < KEEP_FINISHED
         });
+    }
+
+    fn register(&mut self) -> pb::Register {
+        self.prune_finished();
         pb::Register {
             node_id: self.cfg.node_id.clone(),
             capacity: Some(self.capacity.into()),
@@ -363,6 +358,7 @@ impl Core {
     }
 
     async fn send_heartbeat(&mut self) {
+        self.prune_finished();
         if self.session.is_none() {
             return;
         }

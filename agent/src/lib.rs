@@ -5,6 +5,7 @@
 //! - [`supervisor`]: one task's life, from image to exit.
 //! - [`runtime`]: the containerd seam (images, snapshots, containers, tasks).
 //! - [`oci`]: runtime spec and cgroup limits.
+//! - [`pull`]: pulling images from OCI registries.
 //! - [`logs`]: LogService over task output files.
 //! - [`usage`]: cgroup usage readings.
 //! - [`host`]: the host's capacity.
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod host;
 pub mod logs;
 pub mod oci;
+pub mod pull;
 pub mod runtime;
 pub mod supervisor;
 pub mod usage;

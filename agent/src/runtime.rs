@@ -32,10 +32,11 @@ pub const LABEL_TASK: &str = "berth.task-id";
 pub const LABEL_JOB: &str = "berth.job-id";
 
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
-const MAX_JSON: u64 = 4 << 20;
+pub(crate) const MAX_JSON: u64 = 4 << 20;
 const MAX_LAYERS: usize = 128;
-const MAX_BLOB: u64 = 2 << 30;
+pub(crate) const MAX_BLOB: u64 = 2 << 30;
 const CHUNK: usize = 1 << 20;
+const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A failure talking to containerd or in an image.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +49,8 @@ pub enum RuntimeError {
         /// Why.
         reason: String,
     },
-    /// The image is not in containerd and cannot be pulled.
-    #[error("image {0} not found (import it with `berth image import FILE.tar`)")]
+    /// The image is not in containerd, and the registry does not have it either.
+    #[error("image {0} not found")]
     ImageNotFound(String),
     /// The image's reference or content is invalid.
     #[error("image {image}: {reason}")]
@@ -57,6 +58,14 @@ pub enum RuntimeError {
         /// The image.
         image: String,
         /// What is wrong.
+        reason: String,
+    },
+    /// The registry could not be reached or refused the pull.
+    #[error("cannot pull {image}: {reason}")]
+    Pull {
+        /// The image.
+        image: String,
+        /// Why.
         reason: String,
     },
     /// A containerd call failed.
@@ -151,7 +160,7 @@ struct OciRootfs {
     diff_ids: Vec<String>,
 }
 
-fn is_index(media_type: &str) -> bool {
+pub(crate) fn is_index(media_type: &str) -> bool {
     media_type == "application/vnd.oci.image.index.v1+json"
         || media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
@@ -269,7 +278,7 @@ impl Containerd {
     }
 
     /// A lease that keeps what it covers from garbage collection until it is deleted.
-    async fn lease(&self) -> Result<String, RuntimeError> {
+    pub(crate) async fn lease(&self) -> Result<String, RuntimeError> {
         let id = format!("berth-{}", uuid_like());
         let mut labels = HashMap::new();
         // Expire on its own if we die before deleting it.
@@ -287,7 +296,7 @@ impl Containerd {
         Ok(id)
     }
 
-    async fn drop_lease(&self, id: &str) {
+    pub(crate) async fn drop_lease(&self, id: &str) {
         let r = ctd::leases_client::LeasesClient::new(self.channel.clone())
             .delete(self.req(ctd::DeleteRequest {
                 id: id.to_string(),
@@ -299,7 +308,7 @@ impl Containerd {
         }
     }
 
-    async fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>, RuntimeError> {
+    pub(crate) async fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>, RuntimeError> {
         let info = self
             .content()
             .info(self.req(ctd::InfoRequest {
@@ -351,7 +360,7 @@ impl Containerd {
         })
     }
 
-    async fn has_blob(&self, digest: &str) -> Result<bool, RuntimeError> {
+    pub(crate) async fn has_blob(&self, digest: &str) -> Result<bool, RuntimeError> {
         match self
             .content()
             .info(self.req(ctd::InfoRequest {
@@ -366,7 +375,7 @@ impl Containerd {
     }
 
     /// Writes one blob to the content store; containerd verifies the digest.
-    async fn write_blob(
+    pub(crate) async fn write_blob(
         &self,
         digest: &str,
         data: Vec<u8>,
@@ -462,24 +471,30 @@ impl Containerd {
                 reason,
             })?
             .to_string();
-        let image = match self
-            .images()
-            .get(self.req(ctd::GetImageRequest { name: name.clone() }))
-            .await
-        {
-            Ok(r) => r.into_inner().image.unwrap_or_default(),
-            Err(s) if s.code() == Code::NotFound => return Err(RuntimeError::ImageNotFound(name)),
-            Err(s) => return Err(call("images.get")(s)),
-        };
-        let target = image.target.ok_or_else(|| RuntimeError::BadImage {
-            image: name.clone(),
-            reason: "image record has no target".into(),
-        })?;
+        // One pull and one unpack per image at a time; later callers find it done.
         let lock = {
             let mut locks = self.unpack_locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.entry(name.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
+        let image = match self.get_image(&name).await? {
+            Some(image) => image,
+            None => {
+                tokio::time::timeout(PULL_TIMEOUT, self.pull(&name))
+                    .await
+                    .map_err(|_| RuntimeError::Pull {
+                        image: name.clone(),
+                        reason: format!("no progress within {}s", PULL_TIMEOUT.as_secs()),
+                    })??;
+                self.get_image(&name)
+                    .await?
+                    .ok_or_else(|| RuntimeError::ImageNotFound(name.clone()))?
+            }
+        };
+        let target = image.target.ok_or_else(|| RuntimeError::BadImage {
+            image: name.clone(),
+            reason: "image record has no target".into(),
+        })?;
         let manifest_digest = self
             .pick_manifest(&name, &target.media_type, &target.digest)
             .await?;
@@ -497,7 +512,21 @@ impl Containerd {
         })
     }
 
-    async fn pick_manifest(
+    async fn get_image(&self, name: &str) -> Result<Option<ctd::Image>, RuntimeError> {
+        match self
+            .images()
+            .get(self.req(ctd::GetImageRequest {
+                name: name.to_string(),
+            }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().image),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(call("images.get")(s)),
+        }
+    }
+
+    pub(crate) async fn pick_manifest(
         &self,
         name: &str,
         media_type: &str,
@@ -713,43 +742,8 @@ impl Containerd {
                     debug!(digest = %m.digest, "Manifest without a usable name skipped.");
                     continue;
                 };
-                self.label_manifest(&name, &m.media_type, &m.digest).await?;
-                let image = ctd::Image {
-                    name: name.clone(),
-                    labels: HashMap::new(),
-                    target: Some(Descriptor {
-                        media_type: m.media_type.clone(),
-                        digest: m.digest.clone(),
-                        size: m.size,
-                        annotations: HashMap::new(),
-                    }),
-                    created_at: None,
-                    updated_at: None,
-                };
-                match self
-                    .images()
-                    .create(self.leased(
-                        ctd::CreateImageRequest {
-                            image: Some(image.clone()),
-                            source_date_epoch: None,
-                        },
-                        &lease,
-                    ))
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(s) if s.code() == Code::AlreadyExists => {
-                        self.images()
-                            .update(self.req(ctd::UpdateImageRequest {
-                                image: Some(image),
-                                update_mask: None,
-                                source_date_epoch: None,
-                            }))
-                            .await
-                            .map_err(call("images.update"))?;
-                    }
-                    Err(s) => return Err(call("images.create")(s)),
-                }
+                self.record_image(&name, &m.media_type, &m.digest, m.size, &lease)
+                    .await?;
                 self.resolve_image(&name).await?;
                 info!(image = %name, digest = %m.digest, "Image imported.");
                 names.push(name);
@@ -759,6 +753,56 @@ impl Containerd {
         .await;
         self.drop_lease(&lease).await;
         result
+    }
+
+    /// Creates or updates the image record pointing at `digest`, labelling its manifests so
+    /// that garbage collection keeps what they reference.
+    pub(crate) async fn record_image(
+        &self,
+        name: &str,
+        media_type: &str,
+        digest: &str,
+        size: i64,
+        lease: &str,
+    ) -> Result<(), RuntimeError> {
+        self.label_manifest(name, media_type, digest).await?;
+        let image = ctd::Image {
+            name: name.to_string(),
+            labels: HashMap::new(),
+            target: Some(Descriptor {
+                media_type: media_type.to_string(),
+                digest: digest.to_string(),
+                size,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        match self
+            .images()
+            .create(self.leased(
+                ctd::CreateImageRequest {
+                    image: Some(image.clone()),
+                    source_date_epoch: None,
+                },
+                lease,
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                self.images()
+                    .update(self.req(ctd::UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                        source_date_epoch: None,
+                    }))
+                    .await
+                    .map_err(call("images.update"))?;
+                Ok(())
+            }
+            Err(s) => Err(call("images.create")(s)),
+        }
     }
 
     /// Labels a manifest (or index) so that GC keeps what it references.

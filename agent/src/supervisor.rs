@@ -63,22 +63,31 @@ impl Context {
     }
 
     async fn report(&self, id: &str, state: TaskState, message: impl Into<String>) {
-        let (st, reason, exit_code) = state.to_proto();
-        let status = pb::TaskStatus {
-            task_id: id.to_string(),
-            state: st as i32,
-            reason: reason as i32,
-            exit_code,
-            message: message.into(),
-            at_unix_ms: now_unix_ms(),
-        };
-        let _ = self.reports.send(Report::Status(status)).await;
+        let _ = self
+            .reports
+            .send(Report::Status(task_status(id, state, message)))
+            .await;
+    }
+}
+
+/// A status report for `id`, stamped now.
+pub fn task_status(id: &str, state: TaskState, message: impl Into<String>) -> pb::TaskStatus {
+    let (st, reason, exit_code) = state.to_proto();
+    pb::TaskStatus {
+        task_id: id.to_string(),
+        state: st as i32,
+        reason: reason as i32,
+        exit_code,
+        message: message.into(),
+        at_unix_ms: now_unix_ms(),
     }
 }
 
 fn image_error(e: &RuntimeError) -> FinishReason {
     match e {
-        RuntimeError::ImageNotFound(_) | RuntimeError::BadImage { .. } => FinishReason::ImageError,
+        RuntimeError::ImageNotFound(_)
+        | RuntimeError::BadImage { .. }
+        | RuntimeError::Pull { .. } => FinishReason::ImageError,
         _ => FinishReason::LocalSystemError,
     }
 }

@@ -165,23 +165,14 @@ pub async fn dev(a: DevArgs) -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let (jobs, agents) = api::services(handle);
     let agent_dir = data_dir.join("agent");
     let logs = berth_agent::logs::LogApi::server(agent_dir.clone());
     let server_cancel = CancellationToken::new();
-    let server = {
-        let c = server_cancel.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(jobs)
-                .add_service(agents)
-                .add_service(logs)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move { c.cancelled().await },
-                ),
-        )
-    };
+    let server = tokio::spawn(api::serve(
+        api::router(handle).add_service(logs),
+        listener,
+        server_cancel.clone(),
+    ));
     let node_id = hostname();
     let agent_cfg = AgentConfig {
         node_id: node_id.clone(),
@@ -264,16 +255,7 @@ pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
         Err(e) => return config_error(e),
     };
     info!(listen = %a.listen, "Scheduler serving.");
-    let (jobs, agents) = api::services(handle);
-    let c = cancel.clone();
-    let r = tonic::transport::Server::builder()
-        .add_service(jobs)
-        .add_service(agents)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move { c.cancelled().await },
-        )
-        .await;
+    let r = api::serve(api::router(handle), listener, cancel.clone()).await;
     let _ = tokio::time::timeout(DRAIN, actor).await;
     match r {
         Ok(()) => ExitCode::SUCCESS,

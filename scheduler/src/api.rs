@@ -49,6 +49,29 @@ pub fn services(
     )
 }
 
+/// A tonic router serving both services; callers may add more (e.g. an agent's LogService)
+/// before serving.
+pub fn router(cluster: ClusterHandle) -> tonic::transport::server::Router {
+    let (jobs, agents) = services(cluster);
+    tonic::transport::Server::builder()
+        .add_service(jobs)
+        .add_service(agents)
+}
+
+/// Serves `router` on `listener` until `cancel` fires.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    router
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { cancel.cancelled().await },
+        )
+        .await
+}
+
 fn required(field: &'static str, v: &str) -> Result<(), Status> {
     if v.is_empty() {
         return Err(SchedulerError::BadField {

@@ -1005,6 +1005,7 @@ impl Cluster {
             caps.push(cap);
             frees.push(cap.saturating_sub(&n.allocated));
         }
+        let mut touched = BTreeSet::new();
         for (job_id, _, _, task_id) in pending {
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
@@ -1031,7 +1032,7 @@ impl Cluster {
                     }
                     let _ = self.transition(&task_id, TaskEvent::Placed, "");
                     debug!(task_id, node_id, "Task placed.");
-                    self.refresh_job(&job_id);
+                    touched.insert(job_id);
                 }
                 Err(reason) => {
                     if let Some(t) = self.tasks.get_mut(&task_id)
@@ -1042,6 +1043,10 @@ impl Cluster {
                     }
                 }
             }
+        }
+        // Once per job, not per task: a job's counts cost a pass over its tasks.
+        for job_id in touched {
+            self.refresh_job(&job_id);
         }
     }
 

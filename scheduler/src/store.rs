@@ -97,28 +97,10 @@ impl Store {
     pub fn load(&self) -> Result<Snapshot, StoreError> {
         let Store::Redb(s) = self;
         let tx = s.db.begin_read().map_err(|e| io("begin read")(&e))?;
-        let mut snap = Snapshot::default();
-        let jobs = tx.open_table(JOBS).map_err(|e| io("open jobs")(&e))?;
-        for row in jobs.iter().map_err(|e| io("scan jobs")(&e))? {
-            let (k, v) = row.map_err(|e| io("scan jobs")(&e))?;
-            let job = pb::Job::decode(v.value()).map_err(|source| StoreError::Corrupt {
-                kind: "job",
-                key: k.value().to_string(),
-                source,
-            })?;
-            snap.jobs.push(job);
-        }
-        let tasks = tx.open_table(TASKS).map_err(|e| io("open tasks")(&e))?;
-        for row in tasks.iter().map_err(|e| io("scan tasks")(&e))? {
-            let (k, v) = row.map_err(|e| io("scan tasks")(&e))?;
-            let task = pb::Task::decode(v.value()).map_err(|source| StoreError::Corrupt {
-                kind: "task",
-                key: k.value().to_string(),
-                source,
-            })?;
-            snap.tasks.push(task);
-        }
-        Ok(snap)
+        Ok(Snapshot {
+            jobs: scan(&tx, JOBS, "job")?,
+            tasks: scan(&tx, TASKS, "task")?,
+        })
     }
 
     /// Writes a batch atomically and durably.
@@ -148,6 +130,25 @@ impl Store {
         tx.commit().map_err(|e| io("commit")(&e))?;
         Ok(())
     }
+}
+
+/// Decodes every record of one table.
+fn scan<M: Message + Default>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    kind: &'static str,
+) -> Result<Vec<M>, StoreError> {
+    let t = tx.open_table(table).map_err(|e| io("open table")(&e))?;
+    let mut out = Vec::new();
+    for row in t.iter().map_err(|e| io("scan")(&e))? {
+        let (k, v) = row.map_err(|e| io("scan")(&e))?;
+        out.push(M::decode(v.value()).map_err(|source| StoreError::Corrupt {
+            kind,
+            key: k.value().to_string(),
+            source,
+        })?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

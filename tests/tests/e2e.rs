@@ -484,7 +484,8 @@ async fn oversized_task_waits_with_a_reason_and_missing_image_fails_fast() {
     );
 
     let mut missing = spec("missing", pb::JobType::Batch, 1, ":");
-    missing.container.as_mut().unwrap().image = "docker.io/library/nothere:1".into();
+    // A registry on loopback that is not there: the pull fails at once, never hangs.
+    missing.container.as_mut().unwrap().image = "127.0.0.1:1/test/nothere:1".into();
     let job = create(&mut c, missing).await;
     let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
     assert_eq!(tasks[0].reason, pb::FinishReason::ImageError as i32);
@@ -539,5 +540,212 @@ async fn scheduler_restart_keeps_every_acknowledged_job() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_is_pulled_once_from_a_registry_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).await;
+    let image = registry.push_test_image("test/busybox:v1").await;
+    let sched = Scheduler::start(&dir.path().join("s"), fast()).await;
+    let ns = namespace("pull");
+    let agent = Agent::start("node-a", &sched, &dir.path().join("a"), &ns, None).await;
+    let mut c = sched.client().await;
+
+    // Three tasks need the image at once; they share one pull.
+    let gets_before = registry.manifest_gets();
+    let mut s = spec("pulled", pb::JobType::Batch, 3, "echo pulled");
+    s.container.as_mut().unwrap().image = image.clone();
+    let job = create(&mut c, s).await;
+    let (job, tasks) = wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{tasks:#?}");
+    assert_eq!(
+        registry.manifest_gets() - gets_before,
+        1,
+        "one pull for three tasks"
+    );
+
+    // A tag the registry does not have.
+    let mut s = spec("absent", pb::JobType::Batch, 1, ":");
+    s.container.as_mut().unwrap().image = format!("{}/test/busybox:nope", registry.addr);
+    let job = create(&mut c, s).await;
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    assert_eq!(
+        tasks[0].reason,
+        pb::FinishReason::ImageError as i32,
+        "{:?}",
+        tasks[0]
+    );
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_scales_and_watch_sees_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(&dir.path().join("s"), fast()).await;
+    let ns = namespace("scale");
+    let agent = Agent::start("node-a", &sched, &dir.path().join("a"), &ns, None).await;
+    let mut c = sched.client().await;
+
+    let mut labelled = spec("other", pb::JobType::Service, 0, ":");
+    labelled.labels.insert("team".into(), "blue".into());
+    create(&mut c, labelled).await;
+
+    let mut watch = c
+        .watch_jobs(pb::WatchJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut snapshot = Vec::new();
+    loop {
+        match watch.message().await.unwrap().unwrap().event.unwrap() {
+            pb::watch_jobs_response::Event::Job(j) => snapshot.push(j.spec.unwrap().name),
+            pb::watch_jobs_response::Event::SnapshotEnd(_) => break,
+            pb::watch_jobs_response::Event::Task(t) => panic!("task before snapshot end: {t:?}"),
+        }
+    }
+    assert_eq!(snapshot, ["other"]);
+
+    let mut s = spec("web", pb::JobType::Service, 1, "exec sleep 1000");
+    s.labels.insert("team".into(), "red".into());
+    let job = create(&mut c, s).await;
+    let started = |n: usize| {
+        move |_: &pb::Job, t: &[pb::Task]| {
+            t.iter()
+                .filter(|t| is_state(t, pb::TaskState::Started))
+                .count()
+                == n
+        }
+    };
+    wait_until(&mut c, &job.id, LIMIT, started(1)).await;
+    c.update_job_capacity(pb::UpdateJobCapacityRequest {
+        id: "web".into(),
+        tasks: 3,
+    })
+    .await
+    .unwrap();
+    wait_until(&mut c, &job.id, LIMIT, started(3)).await;
+    c.update_job_capacity(pb::UpdateJobCapacityRequest {
+        id: job.id.clone(),
+        tasks: 1,
+    })
+    .await
+    .unwrap();
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |_, t| {
+        t.iter()
+            .filter(|t| is_state(t, pb::TaskState::Started))
+            .count()
+            == 1
+            && t.iter()
+                .filter(|t| t.reason == pb::FinishReason::Killed as i32)
+                .count()
+                == 2
+    })
+    .await;
+    assert_eq!(tasks.len(), 3, "scaling down is not replaced: {tasks:#?}");
+    // Batch jobs have no capacity.
+    let b = create(&mut c, spec("batchy", pb::JobType::Batch, 1, ":")).await;
+    let err = c
+        .update_job_capacity(pb::UpdateJobCapacityRequest { id: b.id, tasks: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+
+    // Label and state filters.
+    let red = c
+        .list_jobs(pb::ListJobsRequest {
+            labels: [("team".to_string(), "red".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        red.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        [job.id.as_str()]
+    );
+
+    // The watch saw the new job and its tasks go through their states.
+    let mut saw_job = false;
+    let mut started_tasks = std::collections::HashSet::new();
+    while !(saw_job && started_tasks.len() >= 3) {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match ev.event.unwrap() {
+            pb::watch_jobs_response::Event::Job(j) if j.id == job.id => saw_job = true,
+            pb::watch_jobs_response::Event::Task(t)
+                if t.job_id == job.id && is_state(&t, pb::TaskState::Started) =>
+            {
+                started_tasks.insert(t.id);
+            }
+            _ => {}
+        }
+    }
+    c.kill_job(pb::KillJobRequest { id: job.id.clone() })
+        .await
+        .unwrap();
+    wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_limit_kills_and_cli_wait_reports_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(&dir.path().join("s"), fast()).await;
+    let ns = namespace("limit");
+    let agent = Agent::start("node-a", &sched, &dir.path().join("a"), &ns, None).await;
+    let mut c = sched.client().await;
+
+    let mut s = spec("slow", pb::JobType::Batch, 1, "exec sleep 1000");
+    s.runtime_limit_ms = 1000;
+    s.container.as_mut().unwrap().kill_grace_ms = 500;
+    let job = create(&mut c, s).await;
+    let (job, tasks) = wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    assert_eq!(
+        tasks[0].reason,
+        pb::FinishReason::RuntimeLimitExceeded as i32,
+        "{:?}",
+        tasks[0]
+    );
+    assert_eq!(job.state, pb::JobState::Failed as i32);
+
+    // `berth job run --wait`: exit 0 for a job that succeeds, 1 for one that fails.
+    for (name, script, code) in [("ok", ":", 0), ("bad", "exit 7", 1)] {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!("name: {name}\ntype: batch\ncontainer:\n  image: {IMAGE}\n  command: [sh, -c, '{script}']\n  resources: {{cpu: 100m, memory: 32Mi}}\n"),
+        )
+        .unwrap();
+        let out = tokio::process::Command::new(berth_bin())
+            .args(["job", "run", "--wait", "-f"])
+            .arg(&file)
+            .args(["--api", &sched.addr.to_string()])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(if code == 0 {
+                "Succeeded"
+            } else {
+                "exit code 7"
+            }),
+            "{stdout}"
+        );
+    }
+    agent.stop().await;
     sched.stop().await;
 }

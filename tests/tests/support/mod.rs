@@ -1,7 +1,7 @@
 //! Test harness: a real containerd (started by `scripts/containerd.sh`, or the one named by
 //! `BERTH_TEST_CONTAINERD`), the test image, and in-process schedulers and agents on loopback.
 
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,17 +107,9 @@ impl Scheduler {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (jobs, agents) = api::services(handle);
         let c = cancel.clone();
         let join = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(jobs)
-                .add_service(agents)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move { c.cancelled().await },
-                )
-                .await;
+            let _ = api::serve(api::router(handle), listener, c).await;
             let _ = actor.await;
         });
         Scheduler {
@@ -314,4 +306,81 @@ pub fn berth_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Debian's docker-registry on a loopback port, with filesystem storage under a temp dir.
+pub struct Registry {
+    pub addr: String,
+    log: PathBuf,
+    _child: tokio::process::Child,
+}
+
+impl Registry {
+    pub async fn start(dir: &Path) -> Registry {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Registry {
+            addr,
+            log,
+            _child: child,
+        }
+    }
+
+    /// Pushes the test image with skopeo; returns the reference to pull.
+    pub async fn push_test_image(&self, repo_tag: &str) -> String {
+        let reference = format!("{}/{repo_tag}", self.addr);
+        let out = tokio::process::Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", env().image.display()))
+            .arg(format!("docker://{reference}"))
+            .output()
+            .await
+            .expect("skopeo (apt-get install skopeo)");
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reference
+    }
+
+    /// GET requests for manifests the registry has served so far (from its access log).
+    pub fn manifest_gets(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.contains("\"GET /v2/") && l.contains("/manifests/") && l.contains("\" 200 ")
+            })
+            .count()
+    }
 }
