@@ -998,6 +998,22 @@ impl Containerd {
         }
     }
 
+    /// The pid of the task's init process (0 when it has none).
+    pub async fn pid(&self, id: &str) -> Result<u32, RuntimeError> {
+        match self
+            .tasks()
+            .get(self.req(ctd::GetRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().process.map_or(0, |p| p.pid)),
+            Err(s) if s.code() == Code::NotFound => Ok(0),
+            Err(s) => Err(call("tasks.get")(s)),
+        }
+    }
+
     /// Deletes the shim task, the container and its snapshot; returns the exit status if a
     /// task existed. Missing pieces are fine: this also finishes half-done cleanups.
     pub async fn remove(&self, id: &str) -> Result<Option<u32>, RuntimeError> {

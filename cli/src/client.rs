@@ -322,25 +322,40 @@ fn print_tasks(tasks: &[pb::Task]) {
     );
 }
 
-/// Follows a job until it ends; exit code 0 only if it succeeded.
+/// Follows a job through the watch stream until it ends; exit code 0 only if it succeeded.
 async fn wait_for(c: &mut JobServiceClient<Channel>, job_id: &str) -> ExitCode {
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Watching after the create is gap-free: the snapshot holds the job as it is now.
+    let mut stream = rpc!(c.watch_jobs(pb::WatchJobsRequest {}));
+    let mut pending: std::collections::BTreeMap<String, String> = Default::default();
     let mut last = String::new();
     loop {
-        let r = rpc!(c.get_job(pb::GetJobRequest {
-            id: job_id.to_string()
-        }));
-        let j = r.job.unwrap_or_default();
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return fail("the scheduler ended the watch"),
+            Err(s) => return status_exit(&s),
+        };
+        let j = match ev.event {
+            Some(pb::watch_jobs_response::Event::Job(j)) if j.id == job_id => j,
+            Some(pb::watch_jobs_response::Event::Task(t)) if t.job_id == job_id => {
+                if t.pending_reason.is_empty() {
+                    pending.remove(&t.id);
+                } else {
+                    pending.insert(t.id.clone(), t.pending_reason.clone());
+                }
+                continue;
+            }
+            _ => continue,
+        };
         let cnt = j.counts.unwrap_or_default();
         let total = j.spec.as_ref().map_or(0, |s| s.tasks);
-        let pending = r
-            .tasks
-            .iter()
-            .find(|t| !t.pending_reason.is_empty())
-            .map(|t| format!(" (pending: {})", t.pending_reason))
+        let waiting = pending
+            .values()
+            .next()
+            .map(|r| format!(" (pending: {r})"))
             .unwrap_or_default();
         let line = format!(
-            "{}: {} - {} running, {}/{total} succeeded, {} failed{pending}",
+            "{}: {} - {} running, {}/{total} succeeded, {} failed{waiting}",
             j.spec.as_ref().map(|s| s.name.as_str()).unwrap_or(""),
             job_state(j.state),
             cnt.started,
@@ -364,23 +379,18 @@ async fn wait_for(c: &mut JobServiceClient<Channel>, job_id: &str) -> ExitCode {
             if interactive {
                 eprintln!();
             }
-            println!(
-                "{} {}{}",
-                j.id,
-                job_state(j.state),
-                if j.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", j.message)
-                }
-            );
+            let msg = if j.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", j.message)
+            };
+            println!("{} {}{msg}", j.id, job_state(j.state));
             return if state == pb::JobState::Succeeded {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             };
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

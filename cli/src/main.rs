@@ -2,6 +2,7 @@
 //! libraries: `dev`, `scheduler` and `agent` run servers; the rest are API clients.
 
 mod client;
+mod config;
 mod output;
 mod serve;
 

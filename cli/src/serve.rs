@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::EXIT_CONFIG;
+use crate::{EXIT_CONFIG, config};
 
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -39,50 +39,56 @@ pub struct DevArgs {
 
 #[derive(clap::Args)]
 pub struct SchedulerArgs {
-    /// Where the store lives.
-    #[arg(long, default_value = "/var/lib/berth/scheduler")]
-    data_dir: PathBuf,
-    /// API address.
-    #[arg(long, default_value = "127.0.0.1:7700")]
-    listen: SocketAddr,
-    /// Silence after which a node is lost (e.g. 10s).
-    #[arg(long, default_value = "10s")]
-    heartbeat_timeout: String,
-    /// How often agents send heartbeats.
-    #[arg(long, default_value = "2s")]
-    heartbeat_interval: String,
-    /// binpack (most-allocated first) or spread.
-    #[arg(long, default_value = "binpack")]
-    strategy: String,
+    /// YAML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the store lives [default: /var/lib/berth/scheduler].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// API address [default: 127.0.0.1:7700].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Silence after which a node is lost [default: 10s].
+    #[arg(long)]
+    heartbeat_timeout: Option<String>,
+    /// How often agents send heartbeats [default: 2s].
+    #[arg(long)]
+    heartbeat_interval: Option<String>,
+    /// binpack (most-allocated first) or spread [default: binpack].
+    #[arg(long)]
+    strategy: Option<String>,
 }
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
-    /// This node's id (default: the hostname).
+    /// YAML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id [default: the hostname].
     #[arg(long)]
     node_id: Option<String>,
-    /// Scheduler address.
-    #[arg(long, env = "BERTH_API", default_value = "127.0.0.1:7700")]
-    scheduler: String,
-    /// containerd socket.
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
-    containerd: PathBuf,
-    /// containerd namespace.
-    #[arg(long, default_value = "berth")]
-    namespace: String,
-    /// Logs and per-task files.
-    #[arg(long, default_value = "/var/lib/berth/agent")]
-    data_dir: PathBuf,
-    /// Address to serve task logs on.
-    #[arg(long, default_value = "127.0.0.1:7701")]
-    listen: SocketAddr,
-    /// CPU kept for the host (e.g. 500m).
-    #[arg(long, default_value = "0")]
-    reserve_cpu: String,
-    /// Memory kept for the host (e.g. 512Mi).
-    #[arg(long, default_value = "0")]
-    reserve_memory: String,
-    /// Node attributes, KEY=VALUE (zone, instance_type, ...).
+    /// Scheduler address [default: 127.0.0.1:7700].
+    #[arg(long, env = "BERTH_API")]
+    scheduler: Option<String>,
+    /// containerd socket [default: /run/containerd/containerd.sock].
+    #[arg(long)]
+    containerd: Option<PathBuf>,
+    /// containerd namespace [default: berth].
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Logs and per-task files [default: /var/lib/berth/agent].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to serve task logs on [default: 127.0.0.1:7701].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// CPU kept for the host (e.g. 500m) [default: 0].
+    #[arg(long)]
+    reserve_cpu: Option<String>,
+    /// Memory kept for the host (e.g. 512Mi) [default: 0].
+    #[arg(long)]
+    reserve_memory: Option<String>,
+    /// Node attributes, KEY=VALUE (zone, instance_type, ...); added to the config file's.
     #[arg(long = "attribute", value_parser = parse_kv)]
     attributes: Vec<(String, String)>,
 }
@@ -223,38 +229,78 @@ fn duration(flag: &str, v: &str) -> Result<Duration, String> {
 
 /// `berth scheduler`.
 pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
-    let strategy = match a.strategy.as_str() {
+    let file: config::SchedulerFile = match config::load(a.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return config_error(e),
+    };
+    let mut errors = Vec::new();
+    let strategy = match a.strategy.or(file.strategy).as_deref().unwrap_or("binpack") {
         "binpack" => Strategy::Binpack,
         "spread" => Strategy::Spread,
-        other => return config_error(format!("--strategy: `{other}` is not binpack or spread")),
-    };
-    let (interval, timeout) = match (
-        duration("--heartbeat-interval", &a.heartbeat_interval),
-        duration("--heartbeat-timeout", &a.heartbeat_timeout),
-    ) {
-        (Ok(i), Ok(t)) if t > i => (i, t),
-        (Ok(_), Ok(_)) => {
-            return config_error("--heartbeat-timeout must be longer than --heartbeat-interval");
+        other => {
+            errors.push(format!("strategy: `{other}` is not binpack or spread"));
+            Strategy::Binpack
         }
-        (Err(e), _) | (_, Err(e)) => return config_error(e),
     };
+    let mut dur = |field: &str, v: Option<String>, default: &str| {
+        duration(field, v.as_deref().unwrap_or(default)).unwrap_or_else(|e| {
+            errors.push(e);
+            Duration::ZERO
+        })
+    };
+    let interval = dur(
+        "heartbeat_interval",
+        a.heartbeat_interval.or(file.heartbeat_interval),
+        "2s",
+    );
+    let timeout = dur(
+        "heartbeat_timeout",
+        a.heartbeat_timeout.or(file.heartbeat_timeout),
+        "10s",
+    );
+    if timeout <= interval {
+        errors.push("heartbeat_timeout: must be longer than heartbeat_interval".into());
+    }
+    let limits = match file
+        .max_task
+        .as_ref()
+        .map(config::MaxTask::limits)
+        .transpose()
+    {
+        Ok(l) => l.unwrap_or_default(),
+        Err(mut e) => {
+            errors.append(&mut e);
+            Default::default()
+        }
+    };
+    if !errors.is_empty() {
+        return config_error(errors.join("; "));
+    }
+    let data_dir = a
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| "/var/lib/berth/scheduler".into());
+    let listen = a
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| ([127, 0, 0, 1], 7700).into());
     let cancel = CancellationToken::new();
     on_signals(cancel.clone());
     let cfg = ClusterConfig {
         heartbeat_interval: interval,
         heartbeat_timeout: timeout,
         strategy,
-        ..Default::default()
+        limits,
     };
-    let (handle, actor) = match start_cluster(&a.data_dir, cfg, cancel.clone()).await {
+    let (handle, actor) = match start_cluster(&data_dir, cfg, cancel.clone()).await {
         Ok(x) => x,
         Err(e) => return config_error(e),
     };
-    let listener = match bind(a.listen).await {
+    let listener = match bind(listen).await {
         Ok(l) => l,
         Err(e) => return config_error(e),
     };
-    info!(listen = %a.listen, "Scheduler serving.");
+    info!(%listen, "Scheduler serving.");
     let r = api::serve(api::router(handle), listener, cancel.clone()).await;
     let _ = tokio::time::timeout(DRAIN, actor).await;
     match r {
@@ -268,17 +314,47 @@ pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
 
 /// `berth agent`.
 pub async fn agent(a: AgentArgs) -> ExitCode {
-    let cpu = match quantity::parse_cpu_millis(&a.reserve_cpu) {
-        Ok(v) => v,
-        Err(e) => return config_error(format!("--reserve-cpu: {e}")),
+    let file: config::AgentFile = match config::load(a.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return config_error(e),
     };
-    let mem = match quantity::parse_mib(&a.reserve_memory) {
-        Ok(v) => v,
-        Err(e) => return config_error(format!("--reserve-memory: {e}")),
-    };
+    let mut errors = Vec::new();
+    let cpu =
+        quantity::parse_cpu_millis(a.reserve_cpu.or(file.reserve_cpu).as_deref().unwrap_or("0"))
+            .unwrap_or_else(|e| {
+                errors.push(format!("reserve_cpu: {e}"));
+                0
+            });
+    let mem = quantity::parse_mib(
+        a.reserve_memory
+            .or(file.reserve_memory)
+            .as_deref()
+            .unwrap_or("0"),
+    )
+    .unwrap_or_else(|e| {
+        errors.push(format!("reserve_memory: {e}"));
+        0
+    });
+    if !errors.is_empty() {
+        return config_error(errors.join("; "));
+    }
+    let listen = a
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| ([127, 0, 0, 1], 7701).into());
+    let data_dir = a
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| "/var/lib/berth/agent".into());
+    let scheduler = a
+        .scheduler
+        .or(file.scheduler)
+        .unwrap_or_else(|| "127.0.0.1:7700".into());
+    let mut attributes = file.attributes;
+    attributes.extend(a.attributes);
     let cancel = CancellationToken::new();
     on_signals(cancel.clone());
-    let listener = match bind(a.listen).await {
+    let listener = match bind(listen).await {
         Ok(l) => l,
         Err(e) => return config_error(e),
     };
@@ -286,34 +362,36 @@ pub async fn agent(a: AgentArgs) -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let logs = berth_agent::logs::LogApi::server(a.data_dir.clone());
-    let c = cancel.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(logs)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move { c.cancelled().await },
-            ),
-    );
-    let scheduler = if a.scheduler.contains("://") {
-        a.scheduler
+    let logs = berth_agent::logs::LogApi::server(data_dir.clone());
+    let server = tokio::spawn(api::serve(
+        tonic::transport::Server::builder().add_service(logs),
+        listener,
+        cancel.clone(),
+    ));
+    let scheduler = if scheduler.contains("://") {
+        scheduler
     } else {
-        format!("http://{}", a.scheduler)
+        format!("http://{scheduler}")
     };
     let cfg = AgentConfig {
-        node_id: a.node_id.unwrap_or_else(hostname),
+        node_id: a.node_id.or(file.node_id).unwrap_or_else(hostname),
         scheduler,
-        containerd: a.containerd,
-        namespace: a.namespace,
-        data_dir: a.data_dir,
+        containerd: a
+            .containerd
+            .or(file.containerd)
+            .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+        namespace: a
+            .namespace
+            .or(file.namespace)
+            .unwrap_or_else(|| "berth".into()),
+        data_dir,
         reserved: Resources {
             cpu_millis: cpu,
             memory_mib: mem,
             ..Default::default()
         },
         capacity: None,
-        attributes: a.attributes.into_iter().collect(),
+        attributes: attributes.into_iter().collect(),
         log_address,
     };
     let r = berth_agent::run(cfg, cancel.clone()).await;

@@ -749,3 +749,228 @@ async fn runtime_limit_kills_and_cli_wait_reports_the_result() {
     agent.stop().await;
     sched.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_of_agent_and_scheduler_keep_the_running_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdata = dir.path().join("s");
+    let adata = dir.path().join("a");
+    let sched = Scheduler::start(&sdata, fast()).await;
+    let ns = namespace("restart");
+    let agent = Agent::start("node-a", &sched, &adata, &ns, None).await;
+    let mut c = sched.client().await;
+
+    let job = create(
+        &mut c,
+        spec("keep", pb::JobType::Service, 1, "exec sleep 1000"),
+    )
+    .await;
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |_, t| {
+        is_state(&t[0], pb::TaskState::Started)
+    })
+    .await;
+    let task_id = tasks[0].id.clone();
+    let rt = berth_agent::runtime::Containerd::connect(&containerd_socket(), &ns)
+        .await
+        .unwrap();
+    let pid_of = || async { rt.pid(&task_id).await.unwrap() };
+    let pid = pid_of().await;
+    assert!(pid > 0);
+
+    // The agent stops and comes back: the container is untouched and re-attached.
+    agent.stop().await;
+    let agent = Agent::start("node-a", &sched, &adata, &ns, None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pid_of().await,
+        pid,
+        "the agent restart touched the container"
+    );
+
+    // The scheduler restarts: the agent reconnects by itself and the task stays as it was.
+    let addr = sched.addr;
+    sched.stop().await;
+    let sched = Scheduler::start_at(&sdata, fast(), addr).await;
+    let mut c = sched.client().await;
+    let nodes = |c: &mut pb::job_service_client::JobServiceClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.list_nodes(pb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes
+        }
+    };
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !nodes(&mut c)
+        .await
+        .iter()
+        .any(|n| n.capacity.is_some_and(|r| r.cpu_millis > 0))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Longer than the heartbeat timeout: had reconciliation failed, the task would be lost.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, tasks) = get(&mut c, &job.id).await;
+    assert_eq!(tasks.len(), 1, "no duplicate or replacement: {tasks:#?}");
+    assert!(
+        is_state(&tasks[0], pb::TaskState::Started),
+        "{:?}",
+        tasks[0]
+    );
+    assert_eq!(pid_of().await, pid);
+
+    // And it still obeys orders after all that.
+    c.kill_job(pb::KillJobRequest { id: job.id.clone() })
+        .await
+        .unwrap();
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    assert_eq!(tasks[0].reason, pb::FinishReason::Killed as i32);
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_until_the_task_ends_and_nothing_is_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(&dir.path().join("s"), fast()).await;
+    let ns = namespace("follow");
+    let agent = Agent::start("node-a", &sched, &dir.path().join("a"), &ns, None).await;
+    let mut c = sched.client().await;
+
+    let job = create(
+        &mut c,
+        spec(
+            "follow",
+            pb::JobType::Batch,
+            1,
+            "echo one; sleep 1; echo two >&2; sleep 1; echo three",
+        ),
+    )
+    .await;
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |_, t| {
+        is_state(&t[0], pb::TaskState::Started)
+    })
+    .await;
+    let out = tokio::process::Command::new(berth_bin())
+        .args(["logs", "-f", &tasks[0].id, "--api", &sched.addr.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "one\ntwo\nthree\n",
+        "stdout and stderr, in order"
+    );
+    let (job, _) = get(&mut c, &job.id).await;
+    assert!(job_done(&job), "logs -f returned before the task ended");
+
+    // No container, shim task or active snapshot remains; only the image's layers.
+    let ctr = |args: &[&str]| {
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(containerd_socket())
+            .args(["-n", &ns])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(ctr(&["containers", "ls", "-q"]).trim(), "");
+    assert_eq!(ctr(&["tasks", "ls", "-q"]).trim(), "");
+    let snapshots = ctr(&["snapshots", "ls"]);
+    assert!(!snapshots.contains("Active"), "{snapshots}");
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_files_are_checked_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "listen: 127.0.0.1:0\nstrategy: random\nheartbeat_timeout: soon\nmax_task: {memory: lots}\n").unwrap();
+    let out = tokio::process::Command::new(berth_bin())
+        .args(["scheduler", "--config"])
+        .arg(&bad)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["strategy:", "heartbeat_timeout:", "max_task.memory:"] {
+        assert!(err.contains(field), "{field} not in {err}");
+    }
+    let unknown = dir.path().join("unknown.yaml");
+    std::fs::write(&unknown, "listne: 127.0.0.1:0\n").unwrap();
+    let out = tokio::process::Command::new(berth_bin())
+        .args(["agent", "--config"])
+        .arg(&unknown)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listne"));
+
+    // A good file is used: the per-task maximum it sets is enforced.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        format!(
+            "data_dir: {}\nlisten: 127.0.0.1:{port}\nmax_task: {{cpu: 2, memory: 1Gi}}\n",
+            dir.path().join("s").display()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(berth_bin())
+        .args(["scheduler", "--config"])
+        .arg(&good)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            client = Some(pb::job_service_client::JobServiceClient::new(ch));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = client.expect("scheduler from config file is listening");
+    let mut s = spec("big", pb::JobType::Batch, 1, ":");
+    s.container
+        .as_mut()
+        .unwrap()
+        .resources
+        .as_mut()
+        .unwrap()
+        .memory_mib = 2048;
+    let err = c
+        .create_job(pb::CreateJobRequest { spec: Some(s) })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("over the per-task maximum of 1Gi"),
+        "{}",
+        err.message()
+    );
+    child.kill().await.unwrap();
+}

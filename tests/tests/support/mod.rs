@@ -99,13 +99,16 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub async fn start(data: &Path, cfg: ClusterConfig) -> Scheduler {
+        Self::start_at(data, cfg, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts on a given address, e.g. the one an earlier scheduler had.
+    pub async fn start_at(data: &Path, cfg: ClusterConfig, at: SocketAddr) -> Scheduler {
         std::fs::create_dir_all(data).expect("data dir");
         let store = Store::open_redb(&data.join("scheduler.redb")).expect("store");
         let cancel = CancellationToken::new();
         let (handle, actor) = cluster::spawn(store, cfg, cancel.clone()).expect("cluster");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let c = cancel.clone();
         let join = tokio::spawn(async move {
