@@ -206,6 +206,12 @@ impl Core {
                 }
             }
         }
+        for key in self.ctx.rt.remove_orphan_snapshots().await? {
+            warn!(
+                snapshot = key,
+                "Removed a snapshot an interrupted create left behind."
+            );
+        }
         Ok(())
     }
 

@@ -1056,6 +1056,39 @@ impl Containerd {
         }
     }
 
+    /// Removes active snapshots that no container owns: what an agent killed between
+    /// preparing a snapshot and creating its container, or in the middle of an unpack, left.
+    /// Call only when nothing else is creating containers in the namespace.
+    pub async fn remove_orphan_snapshots(&self) -> Result<Vec<String>, RuntimeError> {
+        let owned: std::collections::HashSet<String> = self
+            .berth_containers()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let mut stream = self
+            .snapshots()
+            .list(self.req(snap::ListSnapshotsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                filters: vec![],
+            }))
+            .await
+            .map_err(call("snapshots.list"))?
+            .into_inner();
+        let mut orphans = Vec::new();
+        while let Some(page) = stream.message().await.map_err(call("snapshots.list"))? {
+            for info in page.info {
+                if info.kind == snap::Kind::Active as i32 && !owned.contains(&info.name) {
+                    orphans.push(info.name);
+                }
+            }
+        }
+        for key in &orphans {
+            self.remove_snapshot(key).await?;
+        }
+        Ok(orphans)
+    }
+
     /// Containers Berth created in this namespace: (container id, labels).
     pub async fn berth_containers(
         &self,

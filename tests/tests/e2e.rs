@@ -974,3 +974,56 @@ async fn config_files_are_checked_and_used() {
     );
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_start_undoes_half_created_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(&dir.path().join("s"), fast()).await;
+    let ns = namespace("half");
+    import_image(&ns).await;
+    let ctr = |args: &[&str]| {
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(containerd_socket())
+            .args(["-n", &ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || args[0] == "snapshots" && args[1] == "ls",
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // What an agent killed mid-create leaves: a container with no task, and a snapshot with
+    // no container.
+    ctr(&[
+        "containers",
+        "create",
+        "--label",
+        "berth.task-id=half-1",
+        IMAGE,
+        "half-1",
+        "sh",
+    ]);
+    ctr(&["snapshots", "prepare", "orphan-1"]);
+    assert!(ctr(&["snapshots", "ls"]).contains("Active"));
+
+    let agent = Agent::start("node-a", &sched, &dir.path().join("a"), &ns, None).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let containers = ctr(&["containers", "ls", "-q"]);
+        let snapshots = ctr(&["snapshots", "ls"]);
+        if containers.trim().is_empty() && !snapshots.contains("Active") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left behind:\n{containers}\n{snapshots}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.stop().await;
+    sched.stop().await;
+}
