@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub attributes: HashMap<String, String>,
     /// Where this agent's LogService is reachable.
     pub log_address: String,
+    /// On stop, kill every task gracefully and report it before exiting (a node drain),
+    /// instead of leaving the containers running.
+    pub drain_on_stop: bool,
 }
 
 /// An agent that cannot start.
@@ -101,6 +104,8 @@ struct Core {
     /// Latest status of every task this agent knows, with when it was last changed.
     statuses: HashMap<String, (pb::TaskStatus, tokio::time::Instant)>,
     supervisors: HashMap<String, mpsc::Sender<Signal>>,
+    /// Each supervised task's kill grace period, for drains.
+    grace: HashMap<String, Duration>,
     session: Option<(u64, mpsc::Sender<pb::AgentMessage>)>,
     heartbeat: Duration,
 }
@@ -142,23 +147,43 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             }
         });
     }
-    tokio::spawn(events_loop(rt.clone(), tx.clone(), cancel.clone()));
+    // The connection and the event feed outlive `cancel` while a drain reports its kills.
+    let stop = CancellationToken::new();
+    let _stop_on_exit = stop.clone().drop_guard();
+    tokio::spawn(events_loop(rt.clone(), tx.clone(), stop.clone()));
     let mut core = Core {
         cfg: cfg.clone(),
         ctx,
         capacity,
         statuses: HashMap::new(),
         supervisors: HashMap::new(),
+        grace: HashMap::new(),
         session: None,
         heartbeat: Duration::from_secs(2),
     };
     core.recover().await?;
-    tokio::spawn(connector(cfg.scheduler.clone(), tx.clone(), cancel.clone()));
+    tokio::spawn(connector(cfg.scheduler.clone(), tx.clone(), stop.clone()));
     info!(node_id = %cfg.node_id, %capacity, "Agent running.");
     let mut hb = tokio::time::interval(core.heartbeat);
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
+        if drain_deadline.is_some() && core.supervisors.is_empty() {
+            // Let the last statuses leave before the stream closes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            info!("Drained: every task was stopped and reported.");
+            return Ok(());
+        }
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled(), if drain_deadline.is_none() => {
+                if !cfg.drain_on_stop {
+                    break;
+                }
+                drain_deadline = Some(core.drain().await);
+            }
+            _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
+                warn!(left = core.supervisors.len(), "Drain timed out; some tasks may still run.");
+                return Ok(());
+            }
             Some(msg) = rx.recv() => core.handle(msg, &mut hb).await,
             _ = hb.tick() => core.send_heartbeat().await,
         }
@@ -182,6 +207,7 @@ impl Core {
                     self.set_status(&id, TaskState::Started, "");
                     let (stx, srx) = mpsc::channel(16);
                     self.supervisors.insert(id.clone(), stx);
+                    self.grace.insert(id.clone(), grace_of(&a));
                     tokio::spawn(supervisor::run_attached(self.ctx.clone(), a, srx));
                 }
                 (TaskStatus::Stopped(code), _) => {
@@ -235,6 +261,24 @@ impl Core {
         }
     }
 
+    /// Tells the scheduler, then kills every task with its grace period; returns when to give up.
+    async fn drain(&mut self) -> tokio::time::Instant {
+        info!(
+            tasks = self.supervisors.len(),
+            "Draining: stopping every task."
+        );
+        self.send(pb::agent_message::Msg::Drain(pb::Drain {})).await;
+        let mut longest = Duration::ZERO;
+        for (id, s) in &self.supervisors {
+            let grace = self.grace.get(id).copied().unwrap_or(Duration::from_millis(
+                berth_model::spec::DEFAULT_KILL_GRACE_MS,
+            ));
+            longest = longest.max(grace);
+            let _ = s.send(Signal::Kill(grace)).await;
+        }
+        tokio::time::Instant::now() + longest + Duration::from_secs(10)
+    }
+
     fn prune_finished(&mut self) {
         let now = tokio::time::Instant::now();
         self.statuses.retain(|_, (s, at)| {
@@ -263,6 +307,7 @@ impl Core {
                 }
                 Report::Done(id) => {
                     self.supervisors.remove(&id);
+                    self.grace.remove(&id);
                 }
             },
             CoreMsg::Exit { id, status } => {
@@ -329,6 +374,7 @@ impl Core {
                     return;
                 }
                 self.set_status(&id, TaskState::Launched, "");
+                self.grace.insert(id.clone(), grace_of(&a));
                 let (stx, srx) = mpsc::channel(16);
                 self.supervisors.insert(id, stx);
                 tokio::spawn(supervisor::run_new(self.ctx.clone(), a, srx));
@@ -379,6 +425,16 @@ impl Core {
         self.send(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { usage }))
             .await;
     }
+}
+
+fn grace_of(a: &pb::TaskAssignment) -> Duration {
+    let ms = a
+        .container
+        .as_ref()
+        .map(|c| c.kill_grace_ms)
+        .filter(|&g| g > 0)
+        .unwrap_or(berth_model::spec::DEFAULT_KILL_GRACE_MS);
+    Duration::from_millis(ms.min(600_000))
 }
 
 /// Keeps one stream open to the scheduler, reconnecting with exponential backoff and jitter.

@@ -129,6 +129,7 @@ pub fn node_row(n: &pb::Node) -> Vec<String> {
     let state = match pb::NodeState::try_from(n.state).unwrap_or(pb::NodeState::Unspecified) {
         pb::NodeState::Ready => "Ready",
         pb::NodeState::Lost => "Lost",
+        pb::NodeState::Draining => "Draining",
         pb::NodeState::Unspecified => "Unknown",
     };
     vec![

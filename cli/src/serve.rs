@@ -88,6 +88,10 @@ pub struct AgentArgs {
     /// Memory kept for the host (e.g. 512Mi) [default: 0].
     #[arg(long)]
     reserve_memory: Option<String>,
+    /// On SIGTERM, stop every task gracefully and report it before exiting, instead of
+    /// leaving the containers running.
+    #[arg(long)]
+    drain: bool,
     /// Node attributes, KEY=VALUE (zone, instance_type, ...); added to the config file's.
     #[arg(long = "attribute", value_parser = parse_kv)]
     attributes: Vec<(String, String)>,
@@ -190,6 +194,7 @@ pub async fn dev(a: DevArgs) -> ExitCode {
         capacity: None,
         attributes: HashMap::from([("zone".to_string(), "local".to_string())]),
         log_address: addr.clone(),
+        drain_on_stop: false,
     };
     let agent = tokio::spawn(berth_agent::run(agent_cfg, cancel.clone()));
     println!(
@@ -393,6 +398,7 @@ pub async fn agent(a: AgentArgs) -> ExitCode {
         capacity: None,
         attributes: attributes.into_iter().collect(),
         log_address,
+        drain_on_stop: a.drain,
     };
     let r = berth_agent::run(cfg, cancel.clone()).await;
     cancel.cancel();

@@ -417,7 +417,7 @@ impl Cluster {
             .nodes
             .values()
             .filter(|n| {
-                n.info.state == pb::NodeState::Ready as i32
+                n.info.state != pb::NodeState::Lost as i32
                     && now.duration_since(n.last_seen) > timeout
             })
             .map(|n| n.info.id.clone())
@@ -1222,6 +1222,12 @@ impl Cluster {
                 }
             }
             pb::agent_message::Msg::Status(s) => self.apply_status(node_id, s),
+            pb::agent_message::Msg::Drain(_) => {
+                info!(node_id, "Node draining; it takes no new tasks.");
+                if let Some(n) = self.nodes.get_mut(node_id) {
+                    n.info.state = pb::NodeState::Draining as i32;
+                }
+            }
         }
     }
 }

@@ -1027,3 +1027,82 @@ async fn agent_start_undoes_half_created_tasks() {
     agent.stop().await;
     sched.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_agent_stops_its_tasks_gracefully_and_they_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast();
+    cfg.heartbeat_timeout = Duration::from_secs(30);
+    let sched = Scheduler::start(&dir.path().join("s"), cfg).await;
+    let one = Resources {
+        cpu_millis: 1000,
+        memory_mib: 1024,
+        disk_mib: 1024,
+        gpus: 0,
+        network_mbps: 1000,
+    };
+    let (ns_a, ns_b) = (namespace("drain-a"), namespace("drain-b"));
+    let a = Agent::start_with(
+        "node-a",
+        &sched,
+        &dir.path().join("a"),
+        &ns_a,
+        Some(one),
+        true,
+    )
+    .await;
+    let mut c = sched.client().await;
+
+    let mut s = spec(
+        "web",
+        pb::JobType::Service,
+        1,
+        "trap 'exit 0' TERM; while :; do sleep 0.1; done",
+    );
+    s.container
+        .as_mut()
+        .unwrap()
+        .resources
+        .as_mut()
+        .unwrap()
+        .cpu_millis = 1000;
+    s.container.as_mut().unwrap().kill_grace_ms = 20_000;
+    let job = create(&mut c, s).await;
+    wait_until(&mut c, &job.id, LIMIT, |_, t| {
+        is_state(&t[0], pb::TaskState::Started)
+    })
+    .await;
+    let b = Agent::start("node-b", &sched, &dir.path().join("b"), &ns_b, Some(one)).await;
+
+    a.stop().await;
+    // The task was killed (SIGTERM, well within its grace), not lost, and moved to node-b.
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |_, t| {
+        t.iter()
+            .any(|t| t.node_id == "node-b" && is_state(t, pb::TaskState::Started))
+    })
+    .await;
+    let first = tasks.iter().find(|t| t.attempt == 0).unwrap();
+    assert_eq!(first.reason, pb::FinishReason::Killed as i32, "{first:?}");
+    let rt = berth_agent::runtime::Containerd::connect(&containerd_socket(), &ns_a)
+        .await
+        .unwrap();
+    assert!(
+        rt.berth_containers().await.unwrap().is_empty(),
+        "the drained node kept containers"
+    );
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let node_a = nodes.iter().find(|n| n.id == "node-a").unwrap();
+    assert_eq!(node_a.state, pb::NodeState::Draining as i32);
+
+    c.kill_job(pb::KillJobRequest { id: job.id.clone() })
+        .await
+        .unwrap();
+    wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    b.stop().await;
+    sched.stop().await;
+}

@@ -155,6 +155,18 @@ impl Agent {
         ns: &str,
         capacity: Option<Resources>,
     ) -> Agent {
+        Self::start_with(node_id, sched, data, ns, capacity, false).await
+    }
+
+    /// As `start`; with `drain`, stopping the agent drains it.
+    pub async fn start_with(
+        node_id: &str,
+        sched: &Scheduler,
+        data: &Path,
+        ns: &str,
+        capacity: Option<Resources>,
+        drain: bool,
+    ) -> Agent {
         import_image(ns).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -179,6 +191,7 @@ impl Agent {
             capacity,
             attributes: HashMap::from([("zone".to_string(), "test".to_string())]),
             log_address,
+            drain_on_stop: drain,
         };
         let c = cancel.clone();
         let join = tokio::spawn(async move {
