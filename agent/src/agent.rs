@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// On stop, kill every task gracefully and report it before exiting (a node drain),
     /// instead of leaving the containers running.
     pub drain_on_stop: bool,
+    /// How long a finished task's files (its log) are kept for `berth logs`.
+    pub log_retention: Duration,
 }
 
 /// An agent that cannot start.
@@ -106,6 +108,8 @@ struct Core {
     supervisors: HashMap<String, mpsc::Sender<Signal>>,
     /// Each supervised task's kill grace period, for drains.
     grace: HashMap<String, Duration>,
+    /// Finished tasks' directories, oldest first, with when they may go.
+    expiring: std::collections::VecDeque<(tokio::time::Instant, String)>,
     session: Option<(u64, mpsc::Sender<pb::AgentMessage>)>,
     heartbeat: Duration,
 }
@@ -158,6 +162,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         statuses: HashMap::new(),
         supervisors: HashMap::new(),
         grace: HashMap::new(),
+        expiring: Default::default(),
         session: None,
         heartbeat: Duration::from_secs(2),
     };
@@ -238,6 +243,7 @@ impl Core {
                 "Removed a snapshot an interrupted create left behind."
             );
         }
+        self.schedule_old_task_dirs().await;
         Ok(())
     }
 
@@ -308,6 +314,8 @@ impl Core {
                 Report::Done(id) => {
                     self.supervisors.remove(&id);
                     self.grace.remove(&id);
+                    let at = tokio::time::Instant::now() + self.cfg.log_retention;
+                    self.expiring.push_back((at, id));
                 }
             },
             CoreMsg::Exit { id, status } => {
@@ -409,8 +417,54 @@ impl Core {
         }
     }
 
+    /// Removes the files of tasks finished longer ago than the retention period.
+    async fn expire_task_dirs(&mut self) {
+        let now = tokio::time::Instant::now();
+        while self.expiring.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, id)) = self.expiring.pop_front() else {
+                break;
+            };
+            if self.supervisors.contains_key(&id) {
+                continue;
+            }
+            let dir = crate::logs::task_dir(&self.cfg.data_dir, &id);
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(task_id = id, error = %e, "Cannot remove a finished task's files.");
+            }
+        }
+    }
+
+    /// Queues the directories of tasks that finished before this start for expiry.
+    async fn schedule_old_task_dirs(&mut self) {
+        let Ok(mut entries) = tokio::fs::read_dir(self.cfg.data_dir.join("tasks")).await else {
+            return;
+        };
+        let mut found = Vec::new();
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let Some(id) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if self.supervisors.contains_key(&id) {
+                continue;
+            }
+            let age = tokio::fs::metadata(e.path().join("exit"))
+                .await
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            let left = self.cfg.log_retention.saturating_sub(age);
+            found.push((tokio::time::Instant::now() + left, id));
+        }
+        found.sort();
+        self.expiring.extend(found);
+    }
+
     async fn send_heartbeat(&mut self) {
         self.prune_finished();
+        self.expire_task_dirs().await;
         if self.session.is_none() {
             return;
         }

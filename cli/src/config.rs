@@ -79,6 +79,7 @@ pub struct AgentFile {
     pub listen: Option<SocketAddr>,
     pub reserve_cpu: Option<String>,
     pub reserve_memory: Option<String>,
+    pub log_retention: Option<String>,
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
 }

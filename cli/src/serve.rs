@@ -88,6 +88,9 @@ pub struct AgentArgs {
     /// Memory kept for the host (e.g. 512Mi) [default: 0].
     #[arg(long)]
     reserve_memory: Option<String>,
+    /// How long finished tasks' logs are kept (e.g. 1h) [default: 1h].
+    #[arg(long)]
+    log_retention: Option<String>,
     /// On SIGTERM, stop every task gracefully and report it before exiting, instead of
     /// leaving the containers running.
     #[arg(long)]
@@ -195,6 +198,7 @@ pub async fn dev(a: DevArgs) -> ExitCode {
         attributes: HashMap::from([("zone".to_string(), "local".to_string())]),
         log_address: addr.clone(),
         drain_on_stop: false,
+        log_retention: Duration::from_secs(3600),
     };
     let agent = tokio::spawn(berth_agent::run(agent_cfg, cancel.clone()));
     println!(
@@ -340,6 +344,17 @@ pub async fn agent(a: AgentArgs) -> ExitCode {
         errors.push(format!("reserve_memory: {e}"));
         0
     });
+    let log_retention = duration(
+        "log_retention",
+        a.log_retention
+            .or(file.log_retention)
+            .as_deref()
+            .unwrap_or("1h"),
+    )
+    .unwrap_or_else(|e| {
+        errors.push(e);
+        Duration::ZERO
+    });
     if !errors.is_empty() {
         return config_error(errors.join("; "));
     }
@@ -399,6 +414,7 @@ pub async fn agent(a: AgentArgs) -> ExitCode {
         attributes: attributes.into_iter().collect(),
         log_address,
         drain_on_stop: a.drain,
+        log_retention,
     };
     let r = berth_agent::run(cfg, cancel.clone()).await;
     cancel.cancel();

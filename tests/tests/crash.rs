@@ -27,26 +27,7 @@ fn free_addr() -> SocketAddr {
 }
 
 fn spawn_agent(sched: SocketAddr, ns: &str, data: &Path) -> Child {
-    Command::new(berth_bin())
-        .args([
-            "agent",
-            "--node-id",
-            "node-a",
-            "--scheduler",
-            &sched.to_string(),
-            "--namespace",
-            ns,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--containerd")
-        .arg(containerd_socket())
-        .arg("--data-dir")
-        .arg(data)
-        .env("BERTH_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    spawn_agent_process("node-a", sched, ns, data, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

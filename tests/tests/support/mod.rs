@@ -192,6 +192,7 @@ impl Agent {
             attributes: HashMap::from([("zone".to_string(), "test".to_string())]),
             log_address,
             drain_on_stop: drain,
+            log_retention: Duration::from_secs(3600),
         };
         let c = cancel.clone();
         let join = tokio::spawn(async move {
@@ -399,4 +400,35 @@ impl Registry {
             })
             .count()
     }
+}
+
+/// A real `berth agent` process (so that it can be SIGKILLed and its memory measured).
+pub fn spawn_agent_process(
+    node_id: &str,
+    sched: SocketAddr,
+    ns: &str,
+    data: &Path,
+    extra: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(berth_bin())
+        .args([
+            "agent",
+            "--node-id",
+            node_id,
+            "--scheduler",
+            &sched.to_string(),
+            "--namespace",
+            ns,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--containerd")
+        .arg(containerd_socket())
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env("BERTH_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
