@@ -7,9 +7,13 @@ use berth_model::spec::{JobSpecFile, Limits, parse_and_validate, validate};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(spec) = parse_and_validate(text) {
-        let again = JobSpecFile::from_proto(&spec).to_proto().expect("an accepted spec converts back");
+        let again = JobSpecFile::from_proto(&spec)
+            .to_proto()
+            .expect("an accepted spec converts back");
         assert_eq!(again, spec, "round trip changed an accepted spec");
         assert!(validate(&again, &Limits::default()).is_ok());
     }
