@@ -18,8 +18,11 @@ use tracing::{debug, warn};
 use crate::cluster::{ClusterHandle, Command};
 use crate::error::SchedulerError;
 
-/// Largest message either service accepts.
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Largest job request accepted. Larger than any valid spec, so that an oversized field is
+/// reported by validation, naming it, rather than refused by the transport.
+pub const MAX_JOB_MESSAGE_BYTES: usize = 16 << 20;
+/// Largest agent message accepted.
+pub const MAX_AGENT_MESSAGE_BYTES: usize = 4 << 20;
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -44,8 +47,9 @@ pub fn services(
         JobServiceServer::new(JobApi {
             cluster: cluster.clone(),
         })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        AgentServiceServer::new(AgentApi { cluster }).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        .max_decoding_message_size(MAX_JOB_MESSAGE_BYTES),
+        AgentServiceServer::new(AgentApi { cluster })
+            .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),
     )
 }
 

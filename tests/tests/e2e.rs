@@ -404,6 +404,27 @@ async fn bad_input_is_rejected_and_stores_nothing() {
             err.message()
         );
     }
+    // A 10 MB env is refused by validation, naming the field, not by the transport.
+    let mut big_env = spec("bigenv", pb::JobType::Batch, 1, ":");
+    big_env
+        .container
+        .as_mut()
+        .unwrap()
+        .env
+        .insert("BLOB".into(), "x".repeat(10 << 20));
+    let err = c
+        .create_job(pb::CreateJobRequest {
+            spec: Some(big_env),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("container.env: at most 131072 bytes"),
+        "{}",
+        err.message()
+    );
     let err = c
         .create_job(pb::CreateJobRequest { spec: None })
         .await
