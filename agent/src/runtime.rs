@@ -974,8 +974,11 @@ impl Containerd {
         }
     }
 
-    /// The task's state as containerd sees it.
-    pub async fn status(&self, id: &str) -> Result<TaskStatus, RuntimeError> {
+    /// The task's init process, or None when the container has no task.
+    async fn process(
+        &self,
+        id: &str,
+    ) -> Result<Option<containerd_client::types::v1::Process>, RuntimeError> {
         match self
             .tasks()
             .get(self.req(ctd::GetRequest {
@@ -984,34 +987,28 @@ impl Containerd {
             }))
             .await
         {
-            Ok(r) => {
-                let p = r.into_inner().process.unwrap_or_default();
-                use containerd_client::types::v1::Status as S;
-                Ok(match S::try_from(p.status).unwrap_or(S::Unknown) {
-                    S::Created => TaskStatus::Created,
-                    S::Stopped => TaskStatus::Stopped(p.exit_status),
-                    _ => TaskStatus::Running,
-                })
-            }
-            Err(s) if s.code() == Code::NotFound => Ok(TaskStatus::Missing),
+            Ok(r) => Ok(Some(r.into_inner().process.unwrap_or_default())),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(call("tasks.get")(s)),
         }
     }
 
+    /// The task's state as containerd sees it.
+    pub async fn status(&self, id: &str) -> Result<TaskStatus, RuntimeError> {
+        use containerd_client::types::v1::Status as S;
+        Ok(match self.process(id).await? {
+            None => TaskStatus::Missing,
+            Some(p) => match S::try_from(p.status).unwrap_or(S::Unknown) {
+                S::Created => TaskStatus::Created,
+                S::Stopped => TaskStatus::Stopped(p.exit_status),
+                _ => TaskStatus::Running,
+            },
+        })
+    }
+
     /// The pid of the task's init process (0 when it has none).
     pub async fn pid(&self, id: &str) -> Result<u32, RuntimeError> {
-        match self
-            .tasks()
-            .get(self.req(ctd::GetRequest {
-                container_id: id.to_string(),
-                exec_id: String::new(),
-            }))
-            .await
-        {
-            Ok(r) => Ok(r.into_inner().process.map_or(0, |p| p.pid)),
-            Err(s) if s.code() == Code::NotFound => Ok(0),
-            Err(s) => Err(call("tasks.get")(s)),
-        }
+        Ok(self.process(id).await?.map_or(0, |p| p.pid))
     }
 
     /// Deletes the shim task, the container and its snapshot; returns the exit status if a

@@ -264,6 +264,11 @@ async fn watch(ctx: &Context, a: &pb::TaskAssignment, signals: &mut mpsc::Receiv
             },
         }
     };
+    // The cgroup, still there until the task is deleted, counts OOM kills even when
+    // containerd's event was missed.
+    if !oom && crate::usage::oom_kills(&ctx.cgroup(id)) > 0 {
+        oom = true;
+    }
     // An OOM kill is reported just before the exit; give a late notice a moment.
     if !oom && exit == Some(137) {
         let until = Instant::now() + Duration::from_millis(300);

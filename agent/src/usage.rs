@@ -1,4 +1,4 @@
-//! Per-task CPU and memory usage, read from the task's cgroup with cgroups-rs.
+//! Per-task CPU and memory usage, and OOM kills, read from the task's cgroup with cgroups-rs.
 
 use std::path::Path;
 
@@ -33,4 +33,24 @@ pub fn read(path: &Path) -> pb::Usage {
         cpu_nanos,
         memory_bytes,
     }
+}
+
+/// How many processes the kernel OOM-killed in the cgroup at `path`; 0 if it is gone.
+///
+/// Read before the task is deleted, this catches OOM kills whose containerd event was missed.
+pub fn oom_kills(path: &Path) -> u64 {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let cg = Cgroup::load(hierarchies::auto(), rel);
+    if cg.v2() {
+        // cgroups-rs does not parse memory.events; it is a flat "key value" file.
+        let events = Path::new("/sys/fs/cgroup").join(rel).join("memory.events");
+        return std::fs::read_to_string(events)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+    }
+    cg.controller_of::<MemController>()
+        .map_or(0, |m| m.memory_stat().oom_control.oom_kill)
 }
