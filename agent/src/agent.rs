@@ -388,7 +388,8 @@ impl Core {
                 tokio::spawn(supervisor::run_new(self.ctx.clone(), a, srx));
             }
             pb::scheduler_message::Msg::Kill(k) => {
-                let grace = Duration::from_millis(k.grace_ms.min(600_000));
+                let grace =
+                    Duration::from_millis(k.grace_ms.min(berth_model::spec::MAX_KILL_GRACE_MS));
                 if let Some(s) = self.supervisors.get(&k.task_id) {
                     let _ = s.send(Signal::Kill(grace)).await;
                 } else if valid_task_id(&k.task_id) {
@@ -482,13 +483,7 @@ impl Core {
 }
 
 fn grace_of(a: &pb::TaskAssignment) -> Duration {
-    let ms = a
-        .container
-        .as_ref()
-        .map(|c| c.kill_grace_ms)
-        .filter(|&g| g > 0)
-        .unwrap_or(berth_model::spec::DEFAULT_KILL_GRACE_MS);
-    Duration::from_millis(ms.min(600_000))
+    Duration::from_millis(berth_model::spec::kill_grace_ms(a.container.as_ref()))
 }
 
 /// Keeps one stream open to the scheduler, reconnecting with exponential backoff and jitter.

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use berth_model::now_unix_ms;
 use berth_model::resources::Resources;
-use berth_model::spec::DEFAULT_KILL_GRACE_MS;
 use berth_model::task::{FinishReason, TaskState};
 use berth_proto as pb;
 use prost::Message;
@@ -209,12 +208,7 @@ fn far_future() -> Instant {
 /// Waits for the task to end, enforcing kills and the runtime limit, then cleans up.
 async fn watch(ctx: &Context, a: &pb::TaskAssignment, signals: &mut mpsc::Receiver<Signal>) {
     let id = a.task_id.as_str();
-    let default_grace = a
-        .container
-        .as_ref()
-        .map(|c| c.kill_grace_ms)
-        .filter(|&g| g > 0)
-        .unwrap_or(DEFAULT_KILL_GRACE_MS);
+    let default_grace = berth_model::spec::kill_grace_ms(a.container.as_ref());
     let mut oom = false;
     let mut killed = false;
     let mut limit_hit = false;

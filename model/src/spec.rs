@@ -17,6 +17,18 @@ use crate::resources::{Dimension, Resources};
 /// Default SIGTERM-to-SIGKILL delay when a spec gives none.
 pub const DEFAULT_KILL_GRACE_MS: u64 = 10_000;
 
+/// The most a kill grace period may be; validation enforces it and agents clamp to it.
+pub const MAX_KILL_GRACE_MS: u64 = 600_000;
+
+/// A container's SIGTERM-to-SIGKILL delay in ms: its own, or the default when it gives none.
+pub fn kill_grace_ms(container: Option<&pb::Container>) -> u64 {
+    container
+        .map(|c| c.kill_grace_ms)
+        .filter(|&g| g > 0)
+        .unwrap_or(DEFAULT_KILL_GRACE_MS)
+        .min(MAX_KILL_GRACE_MS)
+}
+
 /// A problem with one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -488,7 +500,7 @@ pub fn validate(spec: &pb::JobSpec, limits: &Limits) -> Result<(), ValidationErr
                 errs.push("container.working_dir", "must be an absolute path");
             }
             check_labels("container.labels", &c.labels, limits, &mut errs);
-            if c.kill_grace_ms > 600_000 {
+            if c.kill_grace_ms > MAX_KILL_GRACE_MS {
                 errs.push("container.kill_grace", "at most 10m");
             }
             match &c.resources {

@@ -198,6 +198,24 @@ pub fn spawn(
     Ok((ClusterHandle { tx }, join))
 }
 
+/// A new task, Accepted now, not to be placed before `not_before` (Unix ms).
+fn accepted_task(job_id: &str, index: u32, attempt: u32, not_before: i64) -> pb::Task {
+    pb::Task {
+        id: format!("{job_id}-{index}-{attempt}"),
+        job_id: job_id.to_string(),
+        index,
+        attempt,
+        state: pb::TaskState::Accepted as i32,
+        history: vec![pb::TaskTransition {
+            state: pb::TaskState::Accepted as i32,
+            at_unix_ms: now_unix_ms(),
+            ..Default::default()
+        }],
+        not_before_unix_ms: not_before,
+        ..Default::default()
+    }
+}
+
 fn job_type(job: &pb::Job) -> pb::JobType {
     job.spec
         .as_ref()
@@ -468,13 +486,7 @@ impl Cluster {
             error!(error = %e, "Cannot commit cluster state; will retry.");
             return Err(e.into());
         }
-        for w in writes {
-            let ev = match w {
-                Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
-                Write::Task(t) => pb::watch_jobs_response::Event::Task(*t),
-            };
-            let _ = self.watch.send(pb::WatchJobsResponse { event: Some(ev) });
-        }
+        self.announce(writes);
         self.dirty_jobs.clear();
         self.dirty_tasks.clear();
         for (node_id, msg) in std::mem::take(&mut self.outbox) {
@@ -494,6 +506,17 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Tells watchers about records that were just committed.
+    fn announce(&self, writes: Vec<Write>) {
+        for w in writes {
+            let ev = match w {
+                Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
+                Write::Task(t) => pb::watch_jobs_response::Event::Task(*t),
+            };
+            let _ = self.watch.send(pb::WatchJobsResponse { event: Some(ev) });
+        }
     }
 
     fn find_job(&self, id: &str) -> Result<&pb::Job, SchedulerError> {
@@ -525,22 +548,8 @@ impl Cluster {
     }
 
     fn new_task(&mut self, job_id: &str, index: u32, attempt: u32, not_before: i64) -> String {
-        let id = format!("{job_id}-{index}-{attempt}");
-        let now = now_unix_ms();
-        let t = pb::Task {
-            id: id.clone(),
-            job_id: job_id.to_string(),
-            index,
-            attempt,
-            state: pb::TaskState::Accepted as i32,
-            history: vec![pb::TaskTransition {
-                state: pb::TaskState::Accepted as i32,
-                at_unix_ms: now,
-                ..Default::default()
-            }],
-            not_before_unix_ms: not_before,
-            ..Default::default()
-        };
+        let t = accepted_task(job_id, index, attempt, not_before);
+        let id = t.id.clone();
         self.job_tasks
             .entry(job_id.to_string())
             .or_default()
@@ -565,31 +574,12 @@ impl Cluster {
             ..Default::default()
         };
         let n = job.spec.as_ref().map_or(0, |s| s.tasks);
-        let tasks: Vec<pb::Task> = (0..n)
-            .map(|i| pb::Task {
-                id: format!("{}-{i}-0", job.id),
-                job_id: job.id.clone(),
-                index: i,
-                state: pb::TaskState::Accepted as i32,
-                history: vec![pb::TaskTransition {
-                    state: pb::TaskState::Accepted as i32,
-                    at_unix_ms: now,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })
-            .collect();
+        let tasks: Vec<pb::Task> = (0..n).map(|i| accepted_task(&job.id, i, 0, 0)).collect();
         // Stored before it enters memory: a failed commit leaves no trace.
         let mut writes = vec![Write::Job(Box::new(job.clone()))];
         writes.extend(tasks.iter().cloned().map(|t| Write::Task(Box::new(t))));
         self.store.commit(&writes)?;
-        for w in writes {
-            let ev = match w {
-                Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
-                Write::Task(t) => pb::watch_jobs_response::Event::Task(*t),
-            };
-            let _ = self.watch.send(pb::WatchJobsResponse { event: Some(ev) });
-        }
+        self.announce(writes);
         let name = job
             .spec
             .as_ref()
@@ -813,13 +803,11 @@ impl Cluster {
                         .push((t.node_id.clone(), pb::SchedulerMessage { msg: Some(msg) }));
                 }
                 Effect::SendKill => {
-                    let grace = job
-                        .as_ref()
-                        .and_then(|j| j.spec.as_ref())
-                        .and_then(|s| s.container.as_ref())
-                        .map(|c| c.kill_grace_ms)
-                        .filter(|&g| g > 0)
-                        .unwrap_or(DEFAULT_KILL_GRACE_MS);
+                    let grace = spec::kill_grace_ms(
+                        job.as_ref()
+                            .and_then(|j| j.spec.as_ref())
+                            .and_then(|s| s.container.as_ref()),
+                    );
                     let msg = pb::scheduler_message::Msg::Kill(pb::KillOrder {
                         task_id: t.id.clone(),
                         grace_ms: grace,
