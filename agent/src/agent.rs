@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::host;
 use crate::logs::valid_task_id;
 use crate::runtime::{Containerd, LABEL_TASK, RuntimeError, TaskStatus};
+use crate::store::{AgentStore, StoreError};
 use crate::supervisor::{self, Context, Report, Signal};
 use crate::usage;
 
@@ -63,6 +64,9 @@ pub enum AgentError {
     /// containerd is not reachable.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The agent's own store cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The data dir cannot be created.
     #[error("data dir {path}: {source}")]
     DataDir {
@@ -128,6 +132,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             path: cfg.data_dir.clone(),
             source,
         })?;
+    let store = AgentStore::open(&cfg.data_dir)?;
     let rt = Containerd::connect(&cfg.containerd, &cfg.namespace).await?;
     let capacity = cfg
         .capacity
@@ -139,6 +144,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         data_dir: cfg.data_dir.clone(),
         namespace: cfg.namespace.clone(),
         reports: report_tx,
+        store,
     });
     // Reports go through the core's one inbox.
     {
@@ -198,45 +204,96 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
 }
 
 impl Core {
-    /// Re-attaches to containers left by an earlier run and cleans up half-created ones.
+    /// Re-attaches to containers left by an earlier run, settles what happened while the agent
+    /// was down from its store and containerd, and cleans up half-created containers.
     async fn recover(&mut self) -> Result<(), AgentError> {
+        let (records, corrupt) = self.ctx.store.load()?;
+        if !corrupt.is_empty() {
+            warn!(tasks = ?corrupt, "Dropping agent store records that do not decode.");
+            self.ctx.store.remove(corrupt).await?;
+        }
+        let mut records: HashMap<String, pb::AgentTaskRecord> = records
+            .into_iter()
+            .filter_map(|r| Some((r.assignment.as_ref()?.task_id.clone(), r)))
+            .collect();
         for (id, labels) in self.ctx.rt.berth_containers().await? {
             if labels.get(LABEL_TASK) != Some(&id) || !valid_task_id(&id) {
                 continue;
             }
             let status = self.ctx.rt.status(&id).await?;
-            let assignment = supervisor::saved_assignment(&self.ctx, &id).await;
-            match (status, assignment) {
-                (TaskStatus::Running, Some(a)) => {
+            let record = records.remove(&id);
+            let said = record.as_ref().and_then(|r| r.status.clone());
+            let said_finished = said
+                .as_ref()
+                .is_some_and(|s| s.state == pb::TaskState::Finished as i32);
+            match (status, record) {
+                (TaskStatus::Running, Some(r)) if !said_finished => {
                     info!(task_id = id, "Re-attached to a running task.");
-                    self.set_status(&id, TaskState::Started, "");
+                    self.record_status(&id, TaskState::Started, "").await;
+                    let a = r.assignment.unwrap_or_default();
                     let (stx, srx) = mpsc::channel(16);
                     self.supervisors.insert(id.clone(), stx);
                     self.grace.insert(id.clone(), grace_of(&a));
                     tokio::spawn(supervisor::run_attached(self.ctx.clone(), a, srx));
+                }
+                (_, Some(_)) if said_finished => {
+                    // Its end was recorded; the agent died before the cleanup.
+                    let _ = self.ctx.rt.kill(&id, 9).await;
+                    let _ = self.ctx.rt.remove(&id).await;
+                    self.restore_finished(said.unwrap_or_default());
                 }
                 (TaskStatus::Stopped(code), _) => {
                     let _ = self.ctx.rt.remove(&id).await;
                     let reason =
                         FinishReason::from_exit_code(i32::try_from(code).unwrap_or(i32::MAX));
                     info!(task_id = id, %reason, "Task exited while the agent was down.");
-                    self.set_status(
+                    self.record_status(
                         &id,
                         TaskState::Finished(reason),
                         format!("exit status {code}"),
-                    );
+                    )
+                    .await;
                 }
                 _ => {
                     warn!(task_id = id, "Removing a task the agent left half-created.");
                     let _ = self.ctx.rt.remove(&id).await;
-                    self.set_status(
+                    self.record_status(
                         &id,
                         TaskState::Finished(FinishReason::LocalSystemError),
                         "agent restarted while creating the task",
-                    );
+                    )
+                    .await;
                 }
             }
         }
+        // Records without a container: ends to report again, or assignments the agent took
+        // but died before creating anything for.
+        let mut old = Vec::new();
+        for (id, r) in records {
+            match r.status {
+                Some(s) if s.state == pb::TaskState::Finished as i32 => {
+                    let age = berth_model::now_unix_ms().saturating_sub(s.at_unix_ms);
+                    if u64::try_from(age).is_ok_and(|a| a < KEEP_FINISHED.as_millis() as u64) {
+                        self.restore_finished(s);
+                    } else {
+                        old.push(id);
+                    }
+                }
+                _ => {
+                    warn!(
+                        task_id = id,
+                        "Task was assigned but not created before a restart."
+                    );
+                    self.record_status(
+                        &id,
+                        TaskState::Finished(FinishReason::LocalSystemError),
+                        "agent restarted before the container was created",
+                    )
+                    .await;
+                }
+            }
+        }
+        self.ctx.store.remove(old).await?;
         for key in self.ctx.rt.remove_orphan_snapshots().await? {
             warn!(
                 snapshot = key,
@@ -245,6 +302,28 @@ impl Core {
         }
         self.schedule_old_task_dirs().await;
         Ok(())
+    }
+
+    /// Keeps a recorded end, with its age, to report on the next Register.
+    fn restore_finished(&mut self, s: pb::TaskStatus) {
+        let age = berth_model::now_unix_ms().saturating_sub(s.at_unix_ms);
+        let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
+        let at = tokio::time::Instant::now()
+            .checked_sub(age)
+            .unwrap_or_else(tokio::time::Instant::now);
+        self.statuses.insert(s.task_id.clone(), (s, at));
+    }
+
+    /// Sets, records and returns a status the agent decided itself.
+    async fn record_status(
+        &mut self,
+        id: &str,
+        state: TaskState,
+        message: impl Into<String>,
+    ) -> pb::TaskStatus {
+        let s = self.set_status(id, state, message);
+        self.ctx.persist(&s).await;
+        s
     }
 
     fn set_status(
@@ -285,15 +364,28 @@ impl Core {
         tokio::time::Instant::now() + longest + Duration::from_secs(10)
     }
 
-    fn prune_finished(&mut self) {
+    /// Forgets ends reported long enough ago, here and in the store.
+    async fn prune_finished(&mut self) {
         let now = tokio::time::Instant::now();
-        self.statuses.retain(|_, (s, at)| {
-            s.state != pb::TaskState::Finished as i32 || now.duration_since(*at) < KEEP_FINISHED
-        });
+        let old: Vec<String> = self
+            .statuses
+            .iter()
+            .filter(|(_, (s, at))| {
+                s.state == pb::TaskState::Finished as i32
+                    && now.duration_since(*at) >= KEEP_FINISHED
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &old {
+            self.statuses.remove(id);
+        }
+        if let Err(e) = self.ctx.store.remove(old).await {
+            warn!(error = %e, "Cannot forget old task records.");
+        }
     }
 
-    fn register(&mut self) -> pb::Register {
-        self.prune_finished();
+    async fn register(&mut self) -> pb::Register {
+        self.prune_finished().await;
         pb::Register {
             node_id: self.cfg.node_id.clone(),
             capacity: Some(self.capacity.into()),
@@ -329,7 +421,7 @@ impl Core {
                 }
             }
             CoreMsg::WantRegister(reply) => {
-                let _ = reply.send(self.register());
+                let _ = reply.send(self.register().await);
             }
             CoreMsg::Connected { generation, out } => {
                 self.session = Some((generation, out));
@@ -381,7 +473,21 @@ impl Core {
                     self.send(pb::agent_message::Msg::Status(s)).await;
                     return;
                 }
-                self.set_status(&id, TaskState::Launched, "");
+                let launched = self.set_status(&id, TaskState::Launched, "");
+                let record = pb::AgentTaskRecord {
+                    assignment: Some(a.clone()),
+                    status: Some(launched),
+                };
+                if let Err(e) = self.ctx.store.put(record).await {
+                    warn!(task_id = id, error = %e, "Cannot record an assignment; refusing it.");
+                    let s = self.set_status(
+                        &id,
+                        TaskState::Finished(FinishReason::LocalSystemError),
+                        format!("agent store: {e}"),
+                    );
+                    self.send(pb::agent_message::Msg::Status(s)).await;
+                    return;
+                }
                 self.grace.insert(id.clone(), grace_of(&a));
                 let (stx, srx) = mpsc::channel(16);
                 self.supervisors.insert(id, stx);
@@ -406,11 +512,13 @@ impl Core {
                         .get(&k.task_id)
                         .is_none_or(|(s, _)| s.state != pb::TaskState::Finished as i32)
                     {
-                        let s = self.set_status(
-                            &k.task_id,
-                            TaskState::Finished(FinishReason::Killed),
-                            "killed",
-                        );
+                        let s = self
+                            .record_status(
+                                &k.task_id,
+                                TaskState::Finished(FinishReason::Killed),
+                                "killed",
+                            )
+                            .await;
                         self.send(pb::agent_message::Msg::Status(s)).await;
                     }
                 }
@@ -464,7 +572,7 @@ impl Core {
     }
 
     async fn send_heartbeat(&mut self) {
-        self.prune_finished();
+        self.prune_finished().await;
         self.expire_task_dirs().await;
         if self.session.is_none() {
             return;

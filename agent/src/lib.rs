@@ -9,6 +9,7 @@
 //! - [`logs`]: LogService over task output files.
 //! - [`usage`]: cgroup usage readings.
 //! - [`host`]: the host's capacity.
+//! - [`store`]: the agent's durable record of its tasks.
 
 pub mod agent;
 pub mod host;
@@ -16,6 +17,7 @@ pub mod logs;
 pub mod oci;
 pub mod pull;
 pub mod runtime;
+pub mod store;
 pub mod supervisor;
 pub mod usage;
 

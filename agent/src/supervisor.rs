@@ -10,7 +10,6 @@ use berth_model::now_unix_ms;
 use berth_model::resources::Resources;
 use berth_model::task::{FinishReason, TaskState};
 use berth_proto as pb;
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{info, instrument, warn};
@@ -18,6 +17,7 @@ use tracing::{info, instrument, warn};
 use crate::logs::task_dir;
 use crate::oci::{self, ProcessSpec};
 use crate::runtime::{Containerd, LABEL_JOB, LABEL_TASK, RuntimeError, TaskStatus};
+use crate::store::AgentStore;
 
 const POLL: Duration = Duration::from_secs(2);
 const SIGTERM: u32 = 15;
@@ -53,6 +53,8 @@ pub struct Context {
     pub namespace: String,
     /// Where reports go.
     pub reports: mpsc::Sender<Report>,
+    /// The agent's durable task records.
+    pub store: AgentStore,
 }
 
 impl Context {
@@ -62,10 +64,20 @@ impl Context {
     }
 
     async fn report(&self, id: &str, state: TaskState, message: impl Into<String>) {
-        let _ = self
-            .reports
-            .send(Report::Status(task_status(id, state, message)))
-            .await;
+        let s = task_status(id, state, message);
+        self.persist(&s).await;
+        self.send(s).await;
+    }
+
+    /// Writes a status to the agent's store before anyone hears of it.
+    pub async fn persist(&self, s: &pb::TaskStatus) {
+        if let Err(e) = self.store.set_status(s.clone()).await {
+            warn!(task_id = %s.task_id, error = %e, "Cannot record a task status.");
+        }
+    }
+
+    async fn send(&self, s: pb::TaskStatus) {
+        let _ = self.reports.send(Report::Status(s)).await;
     }
 }
 
@@ -188,10 +200,6 @@ async fn start(ctx: &Context, a: &pb::TaskAssignment) -> Result<u32, (FinishReas
         )
     };
     tokio::fs::create_dir_all(&dir).await.map_err(local)?;
-    // Kept so that a restarted agent knows the task's limits and grace period.
-    tokio::fs::write(dir.join("assignment.pb"), a.encode_to_vec())
-        .await
-        .map_err(local)?;
     let mut labels = HashMap::new();
     labels.insert(LABEL_TASK.to_string(), a.task_id.clone());
     labels.insert(LABEL_JOB.to_string(), a.job_id.clone());
@@ -272,14 +280,14 @@ async fn watch(ctx: &Context, a: &pb::TaskAssignment, signals: &mut mpsc::Receiv
             }
         }
     }
-    let deleted = match ctx.rt.remove(id).await {
-        Ok(code) => code,
-        Err(e) => {
-            warn!(error = %e, "Cleanup failed; the task's container may linger.");
-            None
-        }
+    // With an exit status in hand, the outcome is recorded before the container (and with it
+    // containerd's copy of the status) goes, so that an agent killed in between still knows it.
+    let deleted = if exit.is_none() {
+        remove(ctx, id).await
+    } else {
+        None
     };
-    let code = deleted.or(exit);
+    let code = exit.or(deleted);
     let reason = if oom {
         FinishReason::OomKilled
     } else if limit_hit {
@@ -296,24 +304,44 @@ async fn watch(ctx: &Context, a: &pb::TaskAssignment, signals: &mut mpsc::Receiv
         Some(c) => format!("exit status {c}"),
         None => "the container's task vanished".to_string(),
     };
-    finish(ctx, id, reason, message).await;
+    let status = finished(ctx, id, reason, message).await;
+    if exit.is_some() {
+        remove(ctx, id).await;
+    }
+    ctx.send(status).await;
 }
 
-async fn finish(ctx: &Context, id: &str, reason: FinishReason, message: String) {
+/// Deletes the task and its container; returns the exit status containerd reported.
+async fn remove(ctx: &Context, id: &str) -> Option<u32> {
+    match ctx.rt.remove(id).await {
+        Ok(code) => code,
+        Err(e) => {
+            warn!(error = %e, "Cleanup failed; the task's container may linger.");
+            None
+        }
+    }
+}
+
+/// Records a task's end (store and `exit` marker) and returns the status to report.
+async fn finished(
+    ctx: &Context,
+    id: &str,
+    reason: FinishReason,
+    message: String,
+) -> pb::TaskStatus {
     info!(task_id = id, %reason, message, "Task finished.");
     let dir = task_dir(&ctx.data_dir, id);
     if tokio::fs::create_dir_all(&dir).await.is_ok() {
         let _ = tokio::fs::write(dir.join("exit"), reason.to_string()).await;
     }
-    ctx.report(id, TaskState::Finished(reason), message).await;
+    let s = task_status(id, TaskState::Finished(reason), message);
+    ctx.persist(&s).await;
+    s
 }
 
-/// Reads the assignment a task was started with, if the agent kept it.
-pub async fn saved_assignment(ctx: &Context, id: &str) -> Option<pb::TaskAssignment> {
-    let bytes = tokio::fs::read(task_dir(&ctx.data_dir, id).join("assignment.pb"))
-        .await
-        .ok()?;
-    pb::TaskAssignment::decode(bytes.as_slice()).ok()
+async fn finish(ctx: &Context, id: &str, reason: FinishReason, message: String) {
+    let s = finished(ctx, id, reason, message).await;
+    ctx.send(s).await;
 }
 
 #[cfg(test)]

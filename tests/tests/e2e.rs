@@ -1031,7 +1031,31 @@ async fn agent_start_undoes_half_created_tasks() {
     ctr(&["snapshots", "prepare", "orphan-1"]);
     assert!(ctr(&["snapshots", "ls"]).contains("Active"));
 
-    let agent = Agent::start("node-a", &sched, &dir.path().join("a"), &ns, None).await;
+    // And an assignment the agent recorded but had created nothing for yet.
+    let adata = dir.path().join("a");
+    std::fs::create_dir_all(&adata).unwrap();
+    {
+        let store = berth_agent::store::AgentStore::open(&adata).unwrap();
+        let launched = pb::TaskStatus {
+            task_id: "half-2".into(),
+            state: pb::TaskState::Launched as i32,
+            at_unix_ms: berth_model::now_unix_ms(),
+            ..Default::default()
+        };
+        store
+            .put(pb::AgentTaskRecord {
+                assignment: Some(pb::TaskAssignment {
+                    task_id: "half-2".into(),
+                    job_id: "j".into(),
+                    ..Default::default()
+                }),
+                status: Some(launched),
+            })
+            .await
+            .unwrap();
+    }
+
+    let agent = Agent::start("node-a", &sched, &adata, &ns, None).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
         let containers = ctr(&["containers", "ls", "-q"]);
@@ -1046,6 +1070,22 @@ async fn agent_start_undoes_half_created_tasks() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     agent.stop().await;
+    let (records, _) = berth_agent::store::AgentStore::open(&adata)
+        .unwrap()
+        .load()
+        .unwrap();
+    let half2 = records
+        .iter()
+        .find_map(|r| r.status.as_ref().filter(|s| s.task_id == "half-2"))
+        .expect("half-2 is still recorded");
+    assert_eq!(
+        (half2.state, half2.reason),
+        (
+            pb::TaskState::Finished as i32,
+            pb::FinishReason::LocalSystemError as i32
+        ),
+        "{half2:?}"
+    );
     sched.stop().await;
 }
 
