@@ -229,7 +229,14 @@ impl Core {
             match (status, record) {
                 (TaskStatus::Running, Some(r)) if !said_finished => {
                     info!(task_id = id, "Re-attached to a running task.");
-                    self.record_status(&id, TaskState::Started, "").await;
+                    let already = said
+                        .as_ref()
+                        .is_some_and(|s| s.state == pb::TaskState::Started as i32);
+                    if already {
+                        self.set_status(&id, TaskState::Started, "");
+                    } else {
+                        self.record_status(&id, TaskState::Started, "").await;
+                    }
                     let a = r.assignment.unwrap_or_default();
                     let (stx, srx) = mpsc::channel(16);
                     self.supervisors.insert(id.clone(), stx);

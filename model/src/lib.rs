@@ -1,11 +1,13 @@
 //! Berth's domain types, shared by the scheduler, the agent and the CLI.
 //!
 //! - [`quantity`]: Kubernetes-style quantities (`500m`, `64Mi`) and durations (`10s`).
+//! - [`constraint`]: placement constraints (`unique_host`, `zone in [a, b]`, ...).
 //! - [`image_ref`]: parsing and normalising OCI image references.
 //! - [`resources`]: multi-resource vectors for requests and capacity.
 //! - [`spec`]: the job spec as users write it (YAML/JSON) and its validation.
 //! - [`task`]: the task lifecycle state machine, a pure transition function.
 
+pub mod constraint;
 pub mod image_ref;
 pub mod quantity;
 pub mod resources;

@@ -166,7 +166,34 @@ pub struct JobSpecFile {
     /// Free-form labels, used to filter jobs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Placement constraints (see [`crate::constraint`]).
+    #[serde(default, skip_serializing_if = "ConstraintsFile::is_empty")]
+    pub constraints: ConstraintsFile,
+    /// `binpack` or `spread`; the scheduler's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
 }
+
+/// Constraint lines as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintsFile {
+    /// Nodes failing any of these are not used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hard: Vec<String>,
+    /// Nodes failing these are used last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soft: Vec<String>,
+}
+
+impl ConstraintsFile {
+    fn is_empty(&self) -> bool {
+        self.hard.is_empty() && self.soft.is_empty()
+    }
+}
+
+/// The placement strategies a job may name.
+pub const STRATEGIES: [&str; 2] = ["binpack", "spread"];
 
 fn default_tasks() -> u32 {
     1
@@ -324,6 +351,11 @@ impl JobSpecFile {
             retry,
             runtime_limit_ms,
             labels: self.labels.clone().into_iter().collect(),
+            constraints: (!self.constraints.is_empty()).then(|| pb::Constraints {
+                hard: self.constraints.hard.clone(),
+                soft: self.constraints.soft.clone(),
+            }),
+            strategy: self.strategy.clone().unwrap_or_default(),
         };
         (spec, errs)
     }
@@ -364,6 +396,15 @@ impl JobSpecFile {
             }),
             runtime_limit: ms(spec.runtime_limit_ms),
             labels: spec.labels.clone().into_iter().collect(),
+            constraints: spec
+                .constraints
+                .as_ref()
+                .map(|c| ConstraintsFile {
+                    hard: c.hard.clone(),
+                    soft: c.soft.clone(),
+                })
+                .unwrap_or_default(),
+            strategy: (!spec.strategy.is_empty()).then(|| spec.strategy.clone()),
         }
     }
 }
@@ -445,6 +486,16 @@ pub fn validate(spec: &pb::JobSpec, limits: &Limits) -> Result<(), ValidationErr
         errs.push("runtime_limit", "only batch jobs have a runtime limit");
     }
     check_labels("labels", &spec.labels, limits, &mut errs);
+    if let Some(c) = &spec.constraints
+        && let Err(bad) = crate::constraint::Constraints::parse(c)
+    {
+        for (field, reason) in bad {
+            errs.push(field, reason);
+        }
+    }
+    if !spec.strategy.is_empty() && !STRATEGIES.contains(&spec.strategy.as_str()) {
+        errs.push("strategy", "must be binpack or spread");
+    }
     if let Some(retry) = &spec.retry {
         if retry.max_retries > 1000 {
             errs.push("retry.max_retries", "at most 1000");
@@ -635,37 +686,56 @@ labels: {team: demo}
             0u64..4096,
             proptest::collection::btree_map("[A-Z_]{1,8}", "[ -~]{0,16}", 0..4),
             proptest::option::of(0i64..5),
+            proptest::collection::vec(proptest::sample::select(&CONSTRAINT_LINES[..]), 0..3),
+            proptest::option::of(proptest::sample::select(&["binpack", "spread", "fast"][..])),
         )
-            .prop_map(|(name, job_type, tasks, image, cpu, mem, env, retries)| {
-                JobSpecFile {
-                    name,
-                    job_type,
-                    tasks,
-                    container: ContainerFile {
-                        image: image.to_string(),
-                        command: vec!["sh".into(), "-c".into(), ":".into()],
-                        args: vec![],
-                        env,
-                        working_dir: None,
-                        labels: BTreeMap::new(),
-                        resources: ResourcesFile {
-                            cpu: QuantityText::Text(format!("{cpu}m")),
-                            memory: QuantityText::Text(format!("{mem}Mi")),
-                            disk: None,
-                            gpus: 0,
-                            network_mbps: 0,
+            .prop_map(
+                |(name, job_type, tasks, image, cpu, mem, env, retries, lines, strategy)| {
+                    JobSpecFile {
+                        name,
+                        job_type,
+                        tasks,
+                        container: ContainerFile {
+                            image: image.to_string(),
+                            command: vec!["sh".into(), "-c".into(), ":".into()],
+                            args: vec![],
+                            env,
+                            working_dir: None,
+                            labels: BTreeMap::new(),
+                            resources: ResourcesFile {
+                                cpu: QuantityText::Text(format!("{cpu}m")),
+                                memory: QuantityText::Text(format!("{mem}Mi")),
+                                disk: None,
+                                gpus: 0,
+                                network_mbps: 0,
+                            },
+                            kill_grace: None,
                         },
-                        kill_grace: None,
-                    },
-                    retry: retries.map(|r| RetryFile {
-                        max_retries: r,
-                        backoff: Some("1s".into()),
-                    }),
-                    runtime_limit: None,
-                    labels: BTreeMap::new(),
-                }
-            })
+                        retry: retries.map(|r| RetryFile {
+                            max_retries: r,
+                            backoff: Some("1s".into()),
+                        }),
+                        runtime_limit: None,
+                        labels: BTreeMap::new(),
+                        constraints: ConstraintsFile {
+                            soft: lines.iter().skip(1).map(|l| l.to_string()).collect(),
+                            hard: lines.into_iter().take(1).map(str::to_string).collect(),
+                        },
+                        strategy: strategy.map(str::to_string),
+                    }
+                },
+            )
     }
+
+    /// Constraint lines for generated specs; the last two are invalid.
+    const CONSTRAINT_LINES: [&str; 6] = [
+        "unique_host",
+        "zone_balance",
+        "zone in [a, b]",
+        "instance_type =~ ^m5",
+        "zone >> a",
+        "rack in a",
+    ];
 
     fn expected_valid(f: &JobSpecFile) -> bool {
         let image_ok = matches!(
@@ -676,7 +746,14 @@ labels: {team: demo}
         let cpu = matches!(&f.container.resources.cpu, QuantityText::Text(t) if t != "0m");
         let mem = matches!(&f.container.resources.memory, QuantityText::Text(t) if t != "0Mi");
         let tasks = f.job_type == JobTypeFile::Service || f.tasks > 0;
-        image_ok && env_ok && cpu && mem && tasks
+        let constraints_ok = f
+            .constraints
+            .hard
+            .iter()
+            .chain(&f.constraints.soft)
+            .all(|l| CONSTRAINT_LINES[..4].contains(&l.as_str()));
+        let strategy_ok = f.strategy.as_deref() != Some("fast");
+        image_ok && env_ok && cpu && mem && tasks && constraints_ok && strategy_ok
     }
 
     proptest! {

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use berth_model::constraint::Constraints;
 use berth_model::now_unix_ms;
 use berth_model::resources::Resources;
 use berth_model::spec::{self, DEFAULT_KILL_GRACE_MS, Limits};
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::error::SchedulerError;
-use crate::placement::{self, NodeView, Strategy};
+use crate::placement::{Engine, NodeSpec, Request, Strategy};
 use crate::store::{Store, Write};
 
 /// Outbound buffer per agent; an agent this far behind is disconnected and must re-register.
@@ -56,7 +57,7 @@ type Reply<T> = oneshot::Sender<Result<T, SchedulerError>>;
 /// A request to the actor.
 pub enum Command {
     /// Validate, store and schedule a job.
-    CreateJob(pb::JobSpec, Reply<pb::Job>),
+    CreateJob(Box<pb::JobSpec>, Reply<pb::Job>),
     /// A job and its tasks, by id or active name.
     GetJob(String, Reply<(pb::Job, Vec<pb::Task>)>),
     /// A page of jobs.
@@ -138,7 +139,6 @@ struct AgentConn {
 
 struct NodeEntry {
     info: pb::Node,
-    allocated: Resources,
     conn: Option<AgentConn>,
     last_seen: Instant,
 }
@@ -151,6 +151,10 @@ struct Cluster {
     job_tasks: HashMap<String, Vec<String>>,
     active_names: HashMap<String, String>,
     nodes: BTreeMap<String, NodeEntry>,
+    /// Free capacity and each job's spread, indexed for placement.
+    engine: Engine,
+    /// Each job's parsed constraints.
+    constraints: HashMap<String, Constraints>,
     watch: broadcast::Sender<pb::WatchJobsResponse>,
     dirty_jobs: BTreeSet<String>,
     dirty_tasks: BTreeSet<String>,
@@ -173,6 +177,8 @@ pub fn spawn(
         job_tasks: HashMap::new(),
         active_names: HashMap::new(),
         nodes: BTreeMap::new(),
+        engine: Engine::new(),
+        constraints: HashMap::new(),
         watch,
         dirty_jobs: BTreeSet::new(),
         dirty_tasks: BTreeSet::new(),
@@ -277,8 +283,7 @@ impl Cluster {
                     .get(&t.job_id)
                     .map(task_resources)
                     .unwrap_or_default();
-                let node = self
-                    .nodes
+                self.nodes
                     .entry(t.node_id.clone())
                     .or_insert_with(|| NodeEntry {
                         info: pb::Node {
@@ -286,11 +291,10 @@ impl Cluster {
                             state: pb::NodeState::Ready as i32,
                             ..Default::default()
                         },
-                        allocated: Resources::default(),
                         conn: None,
                         last_seen: now,
                     });
-                node.allocated = node.allocated.saturating_add(&res);
+                self.engine.allocate(&t.node_id, &t.job_id, &res);
             }
             self.job_tasks
                 .entry(t.job_id.clone())
@@ -309,7 +313,7 @@ impl Cluster {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::CreateJob(spec, reply) => {
-                let r = self.create_job(spec);
+                let r = self.create_job(*spec);
                 self.finish(reply, r);
             }
             Command::GetJob(id, reply) => {
@@ -372,12 +376,9 @@ impl Cluster {
                     .values()
                     .map(|n| {
                         let mut info = n.info.clone();
-                        info.allocated = Some(n.allocated.into());
-                        info.tasks = self
-                            .tasks
-                            .values()
-                            .filter(|t| t.node_id == n.info.id && is_live(t))
-                            .count() as u32;
+                        let (allocated, tasks) = self.engine.usage(&n.info.id).unwrap_or_default();
+                        info.allocated = Some(allocated.into());
+                        info.tasks = tasks;
                         info
                     })
                     .collect();
@@ -410,6 +411,7 @@ impl Cluster {
                         "Agent disconnected; its tasks are kept until the heartbeat timeout."
                     );
                     n.conn = None;
+                    self.engine.set_schedulable(&node_id, false);
                 }
             }
         }
@@ -453,6 +455,7 @@ impl Cluster {
             n.info.state = pb::NodeState::Lost as i32;
             n.conn = None;
         }
+        self.engine.set_schedulable(node_id, false);
         let ids: Vec<String> = self
             .tasks
             .values()
@@ -817,9 +820,7 @@ impl Cluster {
                 }
                 Effect::ReleaseResources => {
                     let res = job.as_ref().map(task_resources).unwrap_or_default();
-                    if let Some(n) = self.nodes.get_mut(&t.node_id) {
-                        n.allocated = n.allocated.saturating_sub(&res);
-                    }
+                    self.engine.release(&t.node_id, &t.job_id, &res);
                 }
             }
         }
@@ -961,7 +962,8 @@ impl Cluster {
         }
     }
 
-    /// Places every pending task whose backoff has passed, in submission order.
+    /// Places every pending task whose backoff has passed, in submission order, one job at a
+    /// time so that a job's tasks are placed in one pass.
     fn schedule(&mut self) {
         let now = now_unix_ms();
         let mut pending: Vec<(String, u32, u32, String)> = self
@@ -974,60 +976,48 @@ impl Cluster {
             return;
         }
         pending.sort();
-        let ids: Vec<String> = self
-            .nodes
-            .values()
-            .filter(|n| n.conn.is_some() && n.info.state == pb::NodeState::Ready as i32)
-            .map(|n| n.info.id.clone())
-            .collect();
-        let mut caps: Vec<Resources> = Vec::with_capacity(ids.len());
-        let mut frees: Vec<Resources> = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let n = &self.nodes[id];
-            let cap = n
-                .info
-                .capacity
-                .as_ref()
-                .map(Resources::from)
-                .unwrap_or_default();
-            caps.push(cap);
-            frees.push(cap.saturating_sub(&n.allocated));
-        }
         let mut touched = BTreeSet::new();
-        for (job_id, _, _, task_id) in pending {
-            let Some(job) = self.jobs.get(&job_id) else {
+        for group in pending.chunk_by(|a, b| a.0 == b.0) {
+            let job_id = &group[0].0;
+            let Some(job) = self.jobs.get(job_id) else {
                 continue;
             };
             let req = task_resources(job);
-            let views: Vec<NodeView<'_>> = ids
-                .iter()
-                .zip(caps.iter().zip(&frees))
-                .map(|(id, (c, f))| NodeView {
-                    id,
-                    capacity: *c,
-                    free: *f,
-                })
-                .collect();
-            match placement::place(&req, &views, self.cfg.strategy) {
-                Ok(i) => {
-                    frees[i] = frees[i].saturating_sub(&req);
-                    let node_id = ids[i].clone();
-                    if let Some(n) = self.nodes.get_mut(&node_id) {
-                        n.allocated = n.allocated.saturating_add(&req);
-                    }
-                    if let Some(t) = self.tasks.get_mut(&task_id) {
-                        t.node_id = node_id.clone();
-                    }
-                    let _ = self.transition(&task_id, TaskEvent::Placed, "");
-                    debug!(task_id, node_id, "Task placed.");
-                    touched.insert(job_id);
+            let spec = job.spec.as_ref();
+            let strategy = spec
+                .and_then(|s| Strategy::parse(&s.strategy))
+                .unwrap_or(self.cfg.strategy);
+            let constraints = self.constraints.entry(job_id.clone()).or_insert_with(|| {
+                spec.and_then(|s| s.constraints.as_ref())
+                    .and_then(|c| Constraints::parse(c).ok())
+                    .unwrap_or_default()
+            });
+            let (nodes, why) = self.engine.place_job(
+                &Request {
+                    job_id,
+                    resources: &req,
+                    constraints,
+                    strategy,
+                },
+                group.len(),
+            );
+            for ((_, _, _, task_id), node_id) in group.iter().zip(&nodes) {
+                if let Some(t) = self.tasks.get_mut(task_id) {
+                    t.node_id = node_id.clone();
                 }
-                Err(reason) => {
-                    if let Some(t) = self.tasks.get_mut(&task_id)
+                let _ = self.transition(task_id, TaskEvent::Placed, "");
+                debug!(task_id, node_id, "Task placed.");
+            }
+            if !nodes.is_empty() {
+                touched.insert(job_id.clone());
+            }
+            if let Some(reason) = why {
+                for (_, _, _, task_id) in &group[nodes.len()..] {
+                    if let Some(t) = self.tasks.get_mut(task_id)
                         && t.pending_reason != reason
                     {
-                        t.pending_reason = reason;
-                        self.dirty_tasks.insert(task_id);
+                        t.pending_reason = reason.clone();
+                        self.dirty_tasks.insert(task_id.clone());
                     }
                 }
             }
@@ -1076,7 +1066,6 @@ impl Cluster {
             .entry(node_id.clone())
             .or_insert_with(|| NodeEntry {
                 info: pb::Node::default(),
-                allocated: Resources::default(),
                 conn: None,
                 last_seen: Instant::now(),
             });
@@ -1113,21 +1102,11 @@ impl Cluster {
                 "agent restarted without this task",
             );
         }
-        // Recompute the allocation from the tasks now on the node.
-        let mut alloc = Resources::default();
-        for t in self.tasks.values() {
-            if t.node_id == node_id && state_of(t).is_some_and(|s| s.is_on_node()) {
-                let res = self
-                    .jobs
-                    .get(&t.job_id)
-                    .map(task_resources)
-                    .unwrap_or_default();
-                alloc = alloc.saturating_add(&res);
-            }
-        }
-        if let Some(n) = self.nodes.get_mut(&node_id) {
-            n.allocated = alloc;
-        }
+        self.engine.upsert_node(NodeSpec {
+            id: node_id,
+            capacity,
+            attributes: reg.attributes,
+        });
         Ok(())
     }
 
@@ -1215,6 +1194,7 @@ impl Cluster {
                 if let Some(n) = self.nodes.get_mut(node_id) {
                     n.info.state = pb::NodeState::Draining as i32;
                 }
+                self.engine.set_schedulable(node_id, false);
             }
         }
     }

@@ -501,7 +501,7 @@ async fn oversized_task_waits_with_a_reason_and_missing_image_fails_fast() {
     assert!(is_state(&tasks[0], pb::TaskState::Accepted));
     assert_eq!(
         tasks[0].pending_reason,
-        "no node has 64Gi memory free (largest: 20Gi on node-a)"
+        "1 node: memory (needs 64Gi; largest free: 20Gi on node-a)"
     );
 
     let mut missing = spec("missing", pb::JobType::Batch, 1, ":");
@@ -1164,6 +1164,68 @@ async fn draining_agent_stops_its_tasks_gracefully_and_they_move() {
         .await
         .unwrap();
     wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    b.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_host_spreads_a_job_and_says_why_the_rest_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(&dir.path().join("s"), fast()).await;
+    let (ns_a, ns_b) = (namespace("uniq-a"), namespace("uniq-b"));
+    let a = Agent::start("node-a", &sched, &dir.path().join("a"), &ns_a, None).await;
+    let b = Agent::start("node-b", &sched, &dir.path().join("b"), &ns_b, None).await;
+    let mut c = sched.client().await;
+
+    let mut bad = spec("bad-constraint", pb::JobType::Batch, 1, ":");
+    bad.constraints = Some(pb::Constraints {
+        hard: vec!["zone >= a".into()],
+        soft: vec![],
+    });
+    let err = c
+        .create_job(pb::CreateJobRequest { spec: Some(bad) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("constraints.hard[0]: unknown operator"),
+        "{}",
+        err.message()
+    );
+
+    let mut s = spec("uniq", pb::JobType::Service, 3, "exec sleep 1000");
+    s.constraints = Some(pb::Constraints {
+        hard: vec!["unique_host".into(), "zone == test".into()],
+        soft: vec![],
+    });
+    let job = create(&mut c, s).await;
+    let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |_, t| {
+        t.iter()
+            .filter(|t| is_state(t, pb::TaskState::Started))
+            .count()
+            == 2
+            && t.iter().any(|t| !t.pending_reason.is_empty())
+    })
+    .await;
+    let mut nodes: Vec<&str> = tasks
+        .iter()
+        .filter(|t| is_state(t, pb::TaskState::Started))
+        .map(|t| t.node_id.as_str())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["node-a", "node-b"]);
+    let waiting = tasks
+        .iter()
+        .find(|t| is_state(t, pb::TaskState::Accepted))
+        .unwrap();
+    assert_eq!(waiting.pending_reason, "2 nodes: unique host");
+
+    c.kill_job(pb::KillJobRequest { id: job.id.clone() })
+        .await
+        .unwrap();
+    wait_until(&mut c, &job.id, LIMIT, |j, _| job_done(j)).await;
+    a.stop().await;
     b.stop().await;
     sched.stop().await;
 }
