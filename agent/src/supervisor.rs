@@ -309,6 +309,7 @@ async fn watch(ctx: &Context, a: &pb::TaskAssignment, signals: &mut mpsc::Receiv
         remove(ctx, id).await;
     }
     ctx.send(status).await;
+    mark_exit(ctx, id, reason).await;
 }
 
 /// Deletes the task and its container; returns the exit status containerd reported.
@@ -322,7 +323,7 @@ async fn remove(ctx: &Context, id: &str) -> Option<u32> {
     }
 }
 
-/// Records a task's end (store and `exit` marker) and returns the status to report.
+/// Records a task's end in the store and returns the status to report.
 async fn finished(
     ctx: &Context,
     id: &str,
@@ -330,18 +331,24 @@ async fn finished(
     message: String,
 ) -> pb::TaskStatus {
     info!(task_id = id, %reason, message, "Task finished.");
-    let dir = task_dir(&ctx.data_dir, id);
-    if tokio::fs::create_dir_all(&dir).await.is_ok() {
-        let _ = tokio::fs::write(dir.join("exit"), reason.to_string()).await;
-    }
     let s = task_status(id, TaskState::Finished(reason), message);
     ctx.persist(&s).await;
     s
 }
 
+/// Writes the `exit` marker, which ends `logs -f` and dates the task's files for expiry;
+/// last, so that followers end after the scheduler has been told.
+async fn mark_exit(ctx: &Context, id: &str, reason: FinishReason) {
+    let dir = task_dir(&ctx.data_dir, id);
+    if tokio::fs::create_dir_all(&dir).await.is_ok() {
+        let _ = tokio::fs::write(dir.join("exit"), reason.to_string()).await;
+    }
+}
+
 async fn finish(ctx: &Context, id: &str, reason: FinishReason, message: String) {
     let s = finished(ctx, id, reason, message).await;
     ctx.send(s).await;
+    mark_exit(ctx, id, reason).await;
 }
 
 #[cfg(test)]

@@ -99,7 +99,10 @@ impl JobService for JobApi {
                 reason: "is required".into(),
             })
         })?;
-        let job = self.cluster.call(|r| Command::CreateJob(Box::new(spec), r)).await?;
+        let job = self
+            .cluster
+            .call(|r| Command::CreateJob(Box::new(spec), r))
+            .await?;
         Ok(Response::new(pb::CreateJobResponse { job: Some(job) }))
     }
 

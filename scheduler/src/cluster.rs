@@ -155,6 +155,9 @@ struct Cluster {
     engine: Engine,
     /// Each job's parsed constraints.
     constraints: HashMap<String, Constraints>,
+    /// Jobs whose tasks fit nowhere, with the engine epoch of that finding: not retried until
+    /// the epoch moves.
+    blocked: HashMap<String, (u64, String)>,
     watch: broadcast::Sender<pb::WatchJobsResponse>,
     dirty_jobs: BTreeSet<String>,
     dirty_tasks: BTreeSet<String>,
@@ -179,6 +182,7 @@ pub fn spawn(
         nodes: BTreeMap::new(),
         engine: Engine::new(),
         constraints: HashMap::new(),
+        blocked: HashMap::new(),
         watch,
         dirty_jobs: BTreeSet::new(),
         dirty_tasks: BTreeSet::new(),
@@ -445,6 +449,9 @@ impl Cluster {
         for node_id in lost {
             self.node_lost(&node_id);
         }
+        let jobs = &self.jobs;
+        self.constraints
+            .retain(|id, _| jobs.get(id).is_some_and(job_is_active));
         self.schedule();
         let _ = self.flush();
     }
@@ -973,12 +980,29 @@ impl Cluster {
             .map(|t| (t.job_id.clone(), t.index, t.attempt, t.id.clone()))
             .collect();
         if pending.is_empty() {
+            self.blocked.clear();
             return;
         }
         pending.sort();
+        self.blocked
+            .retain(|j, _| pending.binary_search_by(|p| p.0.as_str().cmp(j)).is_ok());
         let mut touched = BTreeSet::new();
         for group in pending.chunk_by(|a, b| a.0 == b.0) {
             let job_id = &group[0].0;
+            if let Some((epoch, reason)) = self.blocked.get(job_id)
+                && *epoch == self.engine.epoch()
+            {
+                // Nothing freed since: the same answer, also for tasks added meanwhile.
+                for (_, _, _, task_id) in group {
+                    if let Some(t) = self.tasks.get_mut(task_id)
+                        && t.pending_reason != *reason
+                    {
+                        t.pending_reason = reason.clone();
+                        self.dirty_tasks.insert(task_id.clone());
+                    }
+                }
+                continue;
+            }
             let Some(job) = self.jobs.get(job_id) else {
                 continue;
             };
@@ -1010,6 +1034,15 @@ impl Cluster {
             }
             if !nodes.is_empty() {
                 touched.insert(job_id.clone());
+            }
+            match &why {
+                Some(reason) => {
+                    self.blocked
+                        .insert(job_id.clone(), (self.engine.epoch(), reason.clone()));
+                }
+                None => {
+                    self.blocked.remove(job_id);
+                }
             }
             if let Some(reason) = why {
                 for (_, _, _, task_id) in &group[nodes.len()..] {

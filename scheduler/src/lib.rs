@@ -2,7 +2,7 @@
 //! agents' nodes.
 //!
 //! - [`cluster`]: the actor that owns all cluster state.
-//! - [`placement`]: multi-resource bin-packing.
+//! - [`placement`]: the placement engine: indexed multi-resource bin-packing under constraints.
 //! - [`store`]: the durable store (embedded redb).
 //! - [`api`]: the gRPC services (JobService, AgentService).
 

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use berth_model::constraint::{AttrOp, Constraint, Constraints, ZONE};
 use berth_model::resources::{Dimension, Resources};
+use rustc_hash::FxHashMap;
 
 /// How to choose among nodes that fit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,6 +81,8 @@ pub struct Request<'a> {
 type Slot = usize;
 type JobIx = u32;
 type ZoneIx = u32;
+/// Nodes ordered by free CPU.
+type CpuIndex = BTreeSet<(u32, Slot)>;
 
 #[derive(Debug)]
 struct Node {
@@ -91,7 +94,7 @@ struct Node {
     schedulable: bool,
     tasks: u32,
     /// Tasks per job on this node.
-    jobs: HashMap<JobIx, u32>,
+    jobs: FxHashMap<JobIx, u32>,
     /// The job that holds this node exclusively, while it has tasks here.
     exclusive: Option<JobIx>,
 }
@@ -104,8 +107,8 @@ impl Node {
 
 #[derive(Debug, Default)]
 struct JobUse {
-    nodes: HashMap<Slot, u32>,
-    zones: HashMap<ZoneIx, u32>,
+    nodes: FxHashMap<Slot, u32>,
+    zones: FxHashMap<ZoneIx, u32>,
     exclusive: bool,
 }
 
@@ -113,7 +116,8 @@ struct JobUse {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Exclusion {
     NotReady,
-    Rule(String),
+    /// The index of a hard attribute rule in the request's list.
+    Rule(usize),
     ExclusiveHost,
     UniqueHost,
     ZoneBalance,
@@ -121,10 +125,10 @@ enum Exclusion {
 }
 
 impl Exclusion {
-    fn label(&self) -> String {
+    fn label(&self, rules: &[&Constraint]) -> String {
         match self {
             Exclusion::NotReady => "not ready".into(),
-            Exclusion::Rule(r) => r.clone(),
+            Exclusion::Rule(i) => rules.get(*i).map(|r| r.label()).unwrap_or_default(),
             Exclusion::ExclusiveHost => "exclusive host".into(),
             Exclusion::UniqueHost => "unique host".into(),
             Exclusion::ZoneBalance => "zone balance".into(),
@@ -140,18 +144,20 @@ pub struct Engine {
     by_id: HashMap<String, Slot>,
     spare: Vec<Slot>,
     /// Schedulable nodes by free CPU.
-    by_free_cpu: BTreeSet<(u32, Slot)>,
+    by_free_cpu: CpuIndex,
     /// Schedulable nodes without tasks.
     empty: BTreeSet<Slot>,
-    /// Schedulable nodes by attribute key and value.
-    by_attr: HashMap<String, HashMap<String, BTreeSet<Slot>>>,
+    /// Schedulable nodes by attribute key and value, then by free CPU.
+    by_attr: HashMap<String, HashMap<String, CpuIndex>>,
     zone_ix: HashMap<String, ZoneIx>,
     /// Schedulable nodes per zone.
     zone_nodes: Vec<u32>,
     job_ix: HashMap<String, JobIx>,
-    job_name: HashMap<JobIx, String>,
+    job_name: FxHashMap<JobIx, String>,
     next_job: JobIx,
-    job_use: HashMap<JobIx, JobUse>,
+    job_use: FxHashMap<JobIx, JobUse>,
+    /// Bumped whenever room may have appeared (a release, a node added or back).
+    epoch: u64,
 }
 
 impl Engine {
@@ -163,6 +169,7 @@ impl Engine {
     /// Adds a node or updates its capacity and attributes; it becomes schedulable. Its
     /// allocations are kept.
     pub fn upsert_node(&mut self, spec: NodeSpec) {
+        self.epoch += 1;
         let zone = spec.attributes.get(ZONE).map(|z| self.zone(z));
         let slot = self.slot(&spec.id);
         self.unindex(slot);
@@ -177,6 +184,7 @@ impl Engine {
 
     /// Marks a node as taking new tasks or not (lost, draining, disconnected).
     pub fn set_schedulable(&mut self, node_id: &str, schedulable: bool) {
+        self.epoch += 1;
         let Some(&slot) = self.by_id.get(node_id) else {
             return;
         };
@@ -192,7 +200,7 @@ impl Engine {
     pub fn allocate(&mut self, node_id: &str, job_id: &str, res: &Resources) {
         let slot = self.slot(node_id);
         let job = self.job(job_id);
-        self.unindex(slot);
+        self.unindex_alloc(slot);
         let zone = self.nodes[slot].as_ref().and_then(|n| n.zone);
         if let Some(n) = self.nodes[slot].as_mut() {
             n.allocated = n.allocated.saturating_add(res);
@@ -210,15 +218,16 @@ impl Engine {
         if exclusive && let Some(n) = self.nodes[slot].as_mut() {
             n.exclusive = Some(job);
         }
-        self.index(slot);
+        self.index_alloc(slot);
     }
 
     /// Forgets a task of `job_id` on `node_id`.
     pub fn release(&mut self, node_id: &str, job_id: &str, res: &Resources) {
+        self.epoch += 1;
         let (Some(&slot), Some(&job)) = (self.by_id.get(node_id), self.job_ix.get(job_id)) else {
             return;
         };
-        self.unindex(slot);
+        self.unindex_alloc(slot);
         let mut zone = None;
         if let Some(n) = self.nodes[slot].as_mut()
             && let Some(c) = n.jobs.get_mut(&job)
@@ -243,13 +252,19 @@ impl Engine {
                 self.forget_job(job);
             }
         }
-        self.index(slot);
+        self.index_alloc(slot);
     }
 
     /// What is allocated on a node, and how many tasks it runs.
     pub fn usage(&self, node_id: &str) -> Option<(Resources, u32)> {
         let n = self.node(*self.by_id.get(node_id)?)?;
         Some((n.allocated, n.tasks))
+    }
+
+    /// Changes whenever a task that did not fit might fit now; a job that failed at one epoch
+    /// need not be tried again until it changes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Number of nodes known.
@@ -288,7 +303,6 @@ impl Engine {
 
     /// The best node for one task of `req`, without recording it.
     pub fn choose(&mut self, req: &Request<'_>) -> Option<Slot> {
-        let job = self.job_ix.get(req.job_id).copied();
         if req
             .constraints
             .hard_has(|c| matches!(c, Constraint::ExclusiveHost))
@@ -297,18 +311,20 @@ impl Engine {
             let j = self.job(req.job_id);
             self.job_use.entry(j).or_default().exclusive = true;
         }
-        let ctx = Ctx::new(self, req, job);
+        let ctx = Ctx::new(self, req);
         let mut best: Option<(f64, Slot)> = None;
         let mut feasible = 0;
         let mut perfect = false;
-        let mut consider = |slot: Slot, engine: &Engine| -> bool {
-            let Some(n) = engine.node(slot) else {
+        // Returns true once enough candidates were scored.
+        let mut consider = |slot: Slot| -> bool {
+            let Some(n) = self.node(slot) else {
                 return false;
             };
-            if ctx.exclusion(engine, slot, n).is_some() {
+            // The cheap check first; `exclusion` orders its checks for explanations.
+            if !req.resources.fits_in(&n.free()) || ctx.exclusion(slot, n).is_some() {
                 return false;
             }
-            let (score, all_soft) = ctx.score(engine, slot, n);
+            let (score, all_soft) = ctx.score(slot, n);
             if best.is_none_or(|(b, s)| score > b || score == b && slot < s) {
                 best = Some((score, slot));
             }
@@ -316,32 +332,32 @@ impl Engine {
             perfect |= all_soft;
             feasible >= MAX_FEASIBLE || feasible >= SAMPLE && perfect
         };
-        match ctx.source(self) {
-            Source::Slots(slots) => {
-                for slot in slots {
-                    if consider(slot, self) {
+        match ctx.source() {
+            Source::Held(slots) => {
+                let _ = slots
+                    .into_iter()
+                    .chain(self.empty.iter().copied())
+                    .any(&mut consider);
+            }
+            Source::Attr(sets) => {
+                let from = (req.resources.cpu_millis, 0);
+                for set in sets {
+                    let fits = set.range(from..);
+                    let done = match req.strategy {
+                        Strategy::Binpack => fits.map(|&(_, s)| s).any(&mut consider),
+                        Strategy::Spread => fits.rev().map(|&(_, s)| s).any(&mut consider),
+                    };
+                    if done {
                         break;
                     }
                 }
             }
             Source::Cpu => {
                 let fits = self.by_free_cpu.range((req.resources.cpu_millis, 0)..);
-                match req.strategy {
-                    Strategy::Binpack => {
-                        for &(_, slot) in fits {
-                            if consider(slot, self) {
-                                break;
-                            }
-                        }
-                    }
-                    Strategy::Spread => {
-                        for &(_, slot) in fits.rev() {
-                            if consider(slot, self) {
-                                break;
-                            }
-                        }
-                    }
-                }
+                let _ = match req.strategy {
+                    Strategy::Binpack => fits.map(|&(_, s)| s).any(&mut consider),
+                    Strategy::Spread => fits.rev().map(|&(_, s)| s).any(&mut consider),
+                };
             }
         }
         best.map(|(_, slot)| slot)
@@ -353,12 +369,12 @@ impl Engine {
         if self.by_id.is_empty() {
             return "no ready nodes".to_string();
         }
-        let ctx = Ctx::new(self, req, self.job_ix.get(req.job_id).copied());
+        let ctx = Ctx::new(self, req);
         let mut counts: BTreeMap<Exclusion, u32> = BTreeMap::new();
         let mut largest: HashMap<Dimension, (u64, &str)> = HashMap::new();
         for (slot, n) in self.nodes.iter().enumerate() {
             let Some(n) = n else { continue };
-            match ctx.exclusion(self, slot, n) {
+            match ctx.exclusion(slot, n) {
                 Some(e) => {
                     if let Exclusion::Resource(d) = e {
                         let free = n.free().get(d);
@@ -379,7 +395,7 @@ impl Engine {
             .into_iter()
             .map(|(c, e)| {
                 let nodes = if c == 1 { "node" } else { "nodes" };
-                let mut s = format!("{c} {nodes}: {}", e.label());
+                let mut s = format!("{c} {nodes}: {}", e.label(&ctx.rules));
                 if let Exclusion::Resource(d) = e
                     && let Some((free, id)) = largest.get(&d)
                 {
@@ -411,7 +427,7 @@ impl Engine {
             zone: None,
             schedulable: false,
             tasks: 0,
-            jobs: HashMap::new(),
+            jobs: FxHashMap::default(),
             exclusive: None,
         };
         let slot = match self.spare.pop() {
@@ -469,45 +485,74 @@ impl Engine {
         }
     }
 
-    /// Takes a node out of the indexes before it changes.
+    /// Takes a node out of the allocation indexes before its allocation changes.
+    fn unindex_alloc(&mut self, slot: Slot) {
+        let Some(n) = self.nodes[slot].as_ref() else {
+            return;
+        };
+        if n.schedulable {
+            let key = (n.free().cpu_millis, slot);
+            self.by_free_cpu.remove(&key);
+            self.empty.remove(&slot);
+            for (k, v) in &n.attributes {
+                if let Some(set) = self.by_attr.get_mut(k).and_then(|m| m.get_mut(v)) {
+                    set.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Puts a node back into the allocation indexes.
+    fn index_alloc(&mut self, slot: Slot) {
+        let Some(n) = self.nodes[slot].as_ref() else {
+            return;
+        };
+        if n.schedulable {
+            let key = (n.free().cpu_millis, slot);
+            self.by_free_cpu.insert(key);
+            if n.tasks == 0 {
+                self.empty.insert(slot);
+            }
+            for (k, v) in &n.attributes {
+                match self.by_attr.get_mut(k).and_then(|m| m.get_mut(v)) {
+                    Some(set) => {
+                        set.insert(key);
+                    }
+                    None => {
+                        self.by_attr
+                            .entry(k.clone())
+                            .or_default()
+                            .entry(v.clone())
+                            .or_default()
+                            .insert(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a node out of every index before its capacity, attributes or readiness change.
     fn unindex(&mut self, slot: Slot) {
+        self.unindex_alloc(slot);
         let Some(n) = self.nodes[slot].as_ref() else {
             return;
         };
         if !n.schedulable {
             return;
-        }
-        self.by_free_cpu.remove(&(n.free().cpu_millis, slot));
-        self.empty.remove(&slot);
-        for (k, v) in &n.attributes {
-            if let Some(set) = self.by_attr.get_mut(k).and_then(|m| m.get_mut(v)) {
-                set.remove(&slot);
-            }
         }
         if let Some(z) = n.zone {
             self.zone_nodes[z as usize] -= 1;
         }
     }
 
-    /// Puts a node back into the indexes after it changed.
+    /// Puts a node back into every index after it changed.
     fn index(&mut self, slot: Slot) {
+        self.index_alloc(slot);
         let Some(n) = self.nodes[slot].as_ref() else {
             return;
         };
         if !n.schedulable {
             return;
-        }
-        self.by_free_cpu.insert((n.free().cpu_millis, slot));
-        if n.tasks == 0 {
-            self.empty.insert(slot);
-        }
-        for (k, v) in &n.attributes {
-            self.by_attr
-                .entry(k.clone())
-                .or_default()
-                .entry(v.clone())
-                .or_default()
-                .insert(slot);
         }
         if let Some(z) = n.zone {
             self.zone_nodes[z as usize] += 1;
@@ -515,7 +560,7 @@ impl Engine {
     }
 }
 
-fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
+fn dec<K: std::hash::Hash + Eq>(m: &mut FxHashMap<K, u32>, k: K) {
     if let Some(c) = m.get_mut(&k) {
         *c -= 1;
         if *c == 0 {
@@ -524,136 +569,146 @@ fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
     }
 }
 
-enum Source {
-    /// A short explicit candidate list.
-    Slots(Vec<Slot>),
+/// Where one decision looks for candidates.
+enum Source<'a> {
+    /// Nodes the (exclusive) job holds; the empty nodes follow.
+    Held(Vec<Slot>),
+    /// Nodes with the values a hard attribute rule asks for, by free CPU.
+    Attr(Vec<&'a CpuIndex>),
     /// The free-CPU index, in the strategy's direction.
     Cpu,
 }
 
 /// One decision's view of a request: its constraints sorted by kind, and the job's spread.
-struct Ctx<'r> {
-    req: &'r Request<'r>,
+struct Ctx<'a> {
+    e: &'a Engine,
+    req: &'a Request<'a>,
     job: Option<JobIx>,
-    rules: Vec<&'r Constraint>,
+    /// Where the job's tasks are now.
+    uses: Option<&'a JobUse>,
+    rules: Vec<&'a Constraint>,
     unique: bool,
     exclusive: bool,
     /// Zones a task may go to under hard zone balance (those where the job has fewest).
     zones: Option<Vec<ZoneIx>>,
-    soft_zone_min: u32,
+    zone_min: u32,
 }
 
-impl<'r> Ctx<'r> {
-    fn new(e: &Engine, req: &'r Request<'r>, job: Option<JobIx>) -> Ctx<'r> {
+impl<'a> Ctx<'a> {
+    fn new(e: &'a Engine, req: &'a Request<'a>) -> Ctx<'a> {
+        let job = e.job_ix.get(req.job_id).copied();
+        let uses = job.and_then(|j| e.job_use.get(&j));
         let c = req.constraints;
         let rules = c
             .hard
             .iter()
             .filter(|c| matches!(c, Constraint::Attr { .. }))
             .collect();
-        let zone_count = |z: ZoneIx| {
-            job.and_then(|j| e.job_use.get(&j))
-                .and_then(|u| u.zones.get(&z))
-                .copied()
-                .unwrap_or(0)
+        let zone_count = |z: ZoneIx| uses.and_then(|u| u.zones.get(&z)).copied().unwrap_or(0);
+        let balance = c.hard_has(|c| matches!(c, Constraint::ZoneBalance))
+            || c.soft_has(|c| matches!(c, Constraint::ZoneBalance));
+        let live: Vec<ZoneIx> = if balance {
+            (0..e.zone_nodes.len() as ZoneIx)
+                .filter(|z| e.zone_nodes[*z as usize] > 0)
+                .collect()
+        } else {
+            Vec::new()
         };
-        let live: Vec<ZoneIx> = (0..e.zone_nodes.len() as ZoneIx)
-            .filter(|z| e.zone_nodes[*z as usize] > 0)
-            .collect();
-        let min = live.iter().map(|z| zone_count(*z)).min().unwrap_or(0);
+        let zone_min = live.iter().map(|z| zone_count(*z)).min().unwrap_or(0);
         let zones = c
             .hard_has(|c| matches!(c, Constraint::ZoneBalance))
             .then(|| {
                 live.iter()
                     .copied()
-                    .filter(|z| zone_count(*z) == min)
+                    .filter(|z| zone_count(*z) == zone_min)
                     .collect()
             });
         Ctx {
+            e,
             req,
             job,
+            uses,
             rules,
             unique: c.hard_has(|c| matches!(c, Constraint::UniqueHost)),
             exclusive: c.hard_has(|c| matches!(c, Constraint::ExclusiveHost)),
             zones,
-            soft_zone_min: min,
+            zone_min,
         }
     }
 
-    fn job_on(&self, e: &Engine, slot: Slot) -> u32 {
-        self.job
-            .and_then(|j| e.job_use.get(&j))
+    fn job_on(&self, slot: Slot) -> u32 {
+        self.uses
             .and_then(|u| u.nodes.get(&slot))
             .copied()
             .unwrap_or(0)
     }
 
-    fn zone_count(&self, e: &Engine, z: Option<ZoneIx>) -> u32 {
-        match (self.job.and_then(|j| e.job_use.get(&j)), z) {
+    fn zone_count(&self, z: Option<ZoneIx>) -> u32 {
+        match (self.uses, z) {
             (Some(u), Some(z)) => u.zones.get(&z).copied().unwrap_or(0),
             _ => 0,
         }
     }
 
     /// Where to look for candidates.
-    fn source(&self, e: &Engine) -> Source {
+    fn source(&self) -> Source<'a> {
         if self.exclusive {
-            // Nodes the job already holds, then empty ones.
-            let mut slots: Vec<Slot> = self
-                .job
-                .and_then(|j| e.job_use.get(&j))
+            let mut held: Vec<Slot> = self
+                .uses
                 .map(|u| u.nodes.keys().copied().collect())
                 .unwrap_or_default();
-            slots.sort_unstable();
-            slots.extend(e.empty.iter().copied());
-            return Source::Slots(slots);
+            held.sort_unstable();
+            return Source::Held(held);
         }
-        // The most selective indexed rule, when one is much smaller than the cluster.
-        let mut best: Option<Vec<Slot>> = None;
+        // The most selective indexed rule, when it narrows the search: its sets are ordered
+        // by free CPU like the main index, so a single set is never worse.
+        let mut best: Option<(usize, Vec<&'a CpuIndex>)> = None;
         for r in &self.rules {
             let Constraint::Attr { key, op } = r else {
                 continue;
             };
-            let values: Vec<&String> = match op {
-                AttrOp::Eq(v) => vec![v],
-                AttrOp::In(vs) => vs.iter().collect(),
+            let values: &[String] = match op {
+                AttrOp::Eq(v) => std::slice::from_ref(v),
+                AttrOp::In(vs) => vs,
                 _ => continue,
             };
-            let by_value = e.by_attr.get(key);
-            let slots: Vec<Slot> = values
+            let by_value = self.e.by_attr.get(key);
+            let sets: Vec<&CpuIndex> = values
                 .iter()
-                .filter_map(|v| by_value.and_then(|m| m.get(*v)))
-                .flatten()
-                .copied()
+                .filter_map(|v| by_value.and_then(|m| m.get(v)))
                 .collect();
-            if best.as_ref().is_none_or(|b| slots.len() < b.len()) {
-                best = Some(slots);
+            let size = sets.iter().map(|s| s.len()).sum();
+            if best.as_ref().is_none_or(|(b, _)| size < *b) {
+                best = Some((size, sets));
             }
         }
         match best {
-            Some(slots) if slots.len() * 4 <= e.by_free_cpu.len() => Source::Slots(slots),
+            Some((size, sets)) if sets.len() == 1 || size < self.e.by_free_cpu.len() => {
+                Source::Attr(sets)
+            }
             _ => Source::Cpu,
         }
     }
 
     /// The first check that keeps this task off the node, if any.
-    fn exclusion(&self, e: &Engine, slot: Slot, n: &Node) -> Option<Exclusion> {
+    fn exclusion(&self, slot: Slot, n: &Node) -> Option<Exclusion> {
         if !n.schedulable {
             return Some(Exclusion::NotReady);
         }
-        for r in &self.rules {
+        let free = n.free();
+        let fits = self.req.resources.fits_in(&free);
+        for (i, r) in self.rules.iter().enumerate() {
             if !r.matches(&n.attributes) {
-                return Some(Exclusion::Rule(r.label()));
+                return Some(Exclusion::Rule(i));
             }
-        }
-        let mine = self.job_on(e, slot);
-        if self.exclusive && n.tasks > mine {
-            return Some(Exclusion::ExclusiveHost);
         }
         if n.exclusive.is_some() && n.exclusive != self.job {
             return Some(Exclusion::ExclusiveHost);
         }
-        if self.unique && mine > 0 {
+        if self.exclusive && n.tasks > self.job_on(slot) {
+            return Some(Exclusion::ExclusiveHost);
+        }
+        if self.unique && self.job_on(slot) > 0 {
             return Some(Exclusion::UniqueHost);
         }
         if let Some(zones) = &self.zones
@@ -661,17 +716,19 @@ impl<'r> Ctx<'r> {
         {
             return Some(Exclusion::ZoneBalance);
         }
-        let free = n.free();
-        for d in Dimension::ALL {
-            if self.req.resources.get(d) > free.get(d) {
-                return Some(Exclusion::Resource(d));
+        if !fits {
+            for d in Dimension::ALL {
+                if self.req.resources.get(d) > free.get(d) {
+                    return Some(Exclusion::Resource(d));
+                }
             }
         }
         None
     }
 
     /// The node's score, and whether it meets every soft constraint.
-    fn score(&self, e: &Engine, slot: Slot, n: &Node) -> (f64, bool) {
+    fn score(&self, slot: Slot, n: &Node) -> (f64, bool) {
+        let free = n.free();
         let mut sum = 0.0;
         let mut dims = 0.0;
         for d in Dimension::ALL {
@@ -679,7 +736,7 @@ impl<'r> Ctx<'r> {
             if cap == 0 {
                 continue;
             }
-            let used = cap.saturating_sub(n.free().get(d)) + self.req.resources.get(d);
+            let used = cap.saturating_sub(free.get(d)) + self.req.resources.get(d);
             sum += used as f64 / cap as f64;
             dims += 1.0;
         }
@@ -695,10 +752,10 @@ impl<'r> Ctx<'r> {
         let met = soft
             .iter()
             .filter(|c| match c {
-                Constraint::UniqueHost => self.job_on(e, slot) == 0,
-                Constraint::ExclusiveHost => n.tasks == self.job_on(e, slot),
+                Constraint::UniqueHost => self.job_on(slot) == 0,
+                Constraint::ExclusiveHost => n.tasks == self.job_on(slot),
                 Constraint::ZoneBalance => {
-                    n.zone.is_some() && self.zone_count(e, n.zone) <= self.soft_zone_min
+                    n.zone.is_some() && self.zone_count(n.zone) <= self.zone_min
                 }
                 Constraint::Attr { .. } => c.matches(&n.attributes),
             })
@@ -718,14 +775,14 @@ pub fn first_fit(e: &mut Engine, req: &Request<'_>) -> Option<String> {
         let j = e.job(req.job_id);
         e.job_use.entry(j).or_default().exclusive = true;
     }
-    let ctx = Ctx::new(e, req, e.job_ix.get(req.job_id).copied());
+    let ctx = Ctx::new(e, req);
     let slot = e
         .nodes
         .iter()
         .enumerate()
         .find(|(slot, n)| {
             n.as_ref()
-                .is_some_and(|n| ctx.exclusion(e, *slot, n).is_none())
+                .is_some_and(|n| ctx.exclusion(*slot, n).is_none())
         })
         .map(|(slot, _)| slot)?;
     let id = e.nodes[slot].as_ref()?.id.clone();

@@ -494,8 +494,9 @@ async fn oversized_task_waits_with_a_reason_and_missing_image_fails_fast() {
         .unwrap()
         .memory_mib = 64 * 1024;
     let job = create(&mut c, big).await;
+    // Before the agent registers the reason is "no ready nodes".
     let (_, tasks) = wait_until(&mut c, &job.id, LIMIT, |_, t| {
-        !t[0].pending_reason.is_empty()
+        t[0].pending_reason.contains("memory")
     })
     .await;
     assert!(is_state(&tasks[0], pb::TaskState::Accepted));
