@@ -21,6 +21,71 @@ pub struct SchedulerFile {
     pub strategy: Option<String>,
     /// The most one task may ask for.
     pub max_task: Option<MaxTask>,
+    /// Capacity groups: quotas and tiers.
+    #[serde(default)]
+    pub capacity_groups: Vec<GroupFile>,
+}
+
+/// One capacity group as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupFile {
+    pub name: String,
+    /// `critical` or `flex`.
+    pub tier: String,
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub gpus: Option<u32>,
+}
+
+/// The groups, every bad field reported with its position.
+pub fn capacity_groups(
+    groups: &[GroupFile],
+) -> Result<Vec<berth_scheduler::quota::CapacityGroup>, Vec<String>> {
+    use berth_scheduler::quota::{CapacityGroup, Tier};
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, g) in groups.iter().enumerate() {
+        let at = format!("capacity_groups[{i}]");
+        let name_ok = !g.name.is_empty()
+            && g.name.len() <= 63
+            && g.name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && g.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            errors.push(format!("{at}.name: 1-63 letters, digits, `-`, `_`, `.`"));
+        } else if !seen.insert(g.name.clone()) {
+            errors.push(format!("{at}.name: `{}` is defined twice", g.name));
+        }
+        let tier = Tier::parse(&g.tier).unwrap_or_else(|| {
+            errors.push(format!("{at}.tier: `{}` is not critical or flex", g.tier));
+            Tier::Flex
+        });
+        let cpu = g.cpu.as_deref().and_then(|c| {
+            quantity::parse_cpu_millis(c)
+                .map_err(|e| errors.push(format!("{at}.cpu: {e}")))
+                .ok()
+        });
+        let memory = g.memory.as_deref().and_then(|m| {
+            quantity::parse_mib(m)
+                .map_err(|e| errors.push(format!("{at}.memory: {e}")))
+                .ok()
+        });
+        out.push(CapacityGroup {
+            name: g.name.clone(),
+            tier,
+            cpu_millis: cpu,
+            memory_mib: memory,
+            gpus: g.gpus,
+        });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Per-task maximum resources.

@@ -282,6 +282,10 @@ pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
             Default::default()
         }
     };
+    let groups = config::capacity_groups(&file.capacity_groups).unwrap_or_else(|mut e| {
+        errors.append(&mut e);
+        Vec::new()
+    });
     if !errors.is_empty() {
         return config_error(errors.join("; "));
     }
@@ -299,6 +303,7 @@ pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
         heartbeat_interval: interval,
         heartbeat_timeout: timeout,
         strategy,
+        groups,
         limits,
     };
     let (handle, actor) = match start_cluster(&data_dir, cfg, cancel.clone()).await {

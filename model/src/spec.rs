@@ -172,6 +172,9 @@ pub struct JobSpecFile {
     /// `binpack` or `spread`; the scheduler's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// The capacity group whose quota the job's tasks count against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_group: Option<String>,
 }
 
 /// Constraint lines as written.
@@ -356,6 +359,7 @@ impl JobSpecFile {
                 soft: self.constraints.soft.clone(),
             }),
             strategy: self.strategy.clone().unwrap_or_default(),
+            capacity_group: self.capacity_group.clone().unwrap_or_default(),
         };
         (spec, errs)
     }
@@ -405,6 +409,7 @@ impl JobSpecFile {
                 })
                 .unwrap_or_default(),
             strategy: (!spec.strategy.is_empty()).then(|| spec.strategy.clone()),
+            capacity_group: (!spec.capacity_group.is_empty()).then(|| spec.capacity_group.clone()),
         }
     }
 }
@@ -492,6 +497,14 @@ pub fn validate(spec: &pb::JobSpec, limits: &Limits) -> Result<(), ValidationErr
         for (field, reason) in bad {
             errs.push(field, reason);
         }
+    }
+    if !spec.capacity_group.is_empty()
+        && (spec.capacity_group.len() > 63 || !is_name(&spec.capacity_group))
+    {
+        errs.push(
+            "capacity_group",
+            "1-63 characters: letters, digits, `-`, `_`, `.`, starting with a letter or digit",
+        );
     }
     if !spec.strategy.is_empty() && !STRATEGIES.contains(&spec.strategy.as_str()) {
         errs.push("strategy", "must be binpack or spread");
@@ -722,6 +735,7 @@ labels: {team: demo}
                             hard: lines.into_iter().take(1).map(str::to_string).collect(),
                         },
                         strategy: strategy.map(str::to_string),
+                        capacity_group: None,
                     }
                 },
             )

@@ -42,6 +42,8 @@ pub enum FinishReason {
     ImageError,
     /// The node failed (containerd, disk, cgroups).
     LocalSystemError,
+    /// Killed to make room for a critical task; requeued without using up a retry.
+    Preempted,
 }
 
 /// A task's lifecycle state.
@@ -167,6 +169,7 @@ impl FinishReason {
             FinishReason::InvalidRequest => (R::InvalidRequest, 0),
             FinishReason::ImageError => (R::ImageError, 0),
             FinishReason::LocalSystemError => (R::LocalSystemError, 0),
+            FinishReason::Preempted => (R::Preempted, 0),
         }
     }
 
@@ -184,6 +187,7 @@ impl FinishReason {
             R::InvalidRequest => FinishReason::InvalidRequest,
             R::ImageError => FinishReason::ImageError,
             R::LocalSystemError => FinishReason::LocalSystemError,
+            R::Preempted => FinishReason::Preempted,
         })
     }
 
@@ -209,6 +213,7 @@ impl fmt::Display for FinishReason {
             FinishReason::InvalidRequest => f.write_str("invalid_request"),
             FinishReason::ImageError => f.write_str("image_error"),
             FinishReason::LocalSystemError => f.write_str("local_system_error"),
+            FinishReason::Preempted => f.write_str("preempted"),
         }
     }
 }

@@ -21,6 +21,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::error::SchedulerError;
 use crate::placement::{Engine, NodeSpec, Request, Strategy};
+use crate::preempt::{self, Candidate, NodeCandidates};
+use crate::quota::{CapacityGroup, Groups, Tier};
 use crate::store::{Store, Write};
 
 /// Outbound buffer per agent; an agent this far behind is disconnected and must re-register.
@@ -37,6 +39,8 @@ pub struct ClusterConfig {
     pub heartbeat_timeout: Duration,
     /// Node choice among those that fit.
     pub strategy: Strategy,
+    /// Capacity groups (quotas and tiers); the default group is added if absent.
+    pub groups: Vec<CapacityGroup>,
     /// Limits every job spec is checked against.
     pub limits: Limits,
 }
@@ -47,6 +51,7 @@ impl Default for ClusterConfig {
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
             strategy: Strategy::Binpack,
+            groups: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -158,6 +163,12 @@ struct Cluster {
     /// Jobs whose tasks fit nowhere, with the engine epoch of that finding: not retried until
     /// the epoch moves.
     blocked: HashMap<String, (u64, String)>,
+    /// Capacity groups and their usage.
+    groups: Groups,
+    /// Critical jobs waiting for the flex tasks preempted for them to end.
+    preempting: HashMap<String, BTreeSet<String>>,
+    /// The node each preempting job has reserved for itself.
+    reservations: HashMap<String, String>,
     watch: broadcast::Sender<pb::WatchJobsResponse>,
     dirty_jobs: BTreeSet<String>,
     dirty_tasks: BTreeSet<String>,
@@ -172,6 +183,7 @@ pub fn spawn(
 ) -> Result<(ClusterHandle, tokio::task::JoinHandle<()>), SchedulerError> {
     let snap = store.load()?;
     let (watch, _) = broadcast::channel(WATCH_QUEUE);
+    let groups = Groups::new(&cfg.groups);
     let mut c = Cluster {
         cfg,
         store,
@@ -183,6 +195,9 @@ pub fn spawn(
         engine: Engine::new(),
         constraints: HashMap::new(),
         blocked: HashMap::new(),
+        groups,
+        preempting: HashMap::new(),
+        reservations: HashMap::new(),
         watch,
         dirty_jobs: BTreeSet::new(),
         dirty_tasks: BTreeSet::new(),
@@ -224,6 +239,11 @@ fn accepted_task(job_id: &str, index: u32, attempt: u32, not_before: i64) -> pb:
         not_before_unix_ms: not_before,
         ..Default::default()
     }
+}
+
+/// The capacity group a job's tasks count against.
+fn group_of(job: &pb::Job) -> &str {
+    Groups::resolve(job.spec.as_ref().map_or("", |s| s.capacity_group.as_str()))
 }
 
 fn job_type(job: &pb::Job) -> pb::JobType {
@@ -299,6 +319,15 @@ impl Cluster {
                         last_seen: now,
                     });
                 self.engine.allocate(&t.node_id, &t.job_id, &res);
+                if let Some(job) = self.jobs.get(&t.job_id) {
+                    self.groups.add(group_of(job), &res);
+                }
+                if !t.preempted_for.is_empty() {
+                    self.preempting
+                        .entry(t.preempted_for.clone())
+                        .or_default()
+                        .insert(t.id.clone());
+                }
             }
             self.job_tasks
                 .entry(t.job_id.clone())
@@ -571,6 +600,16 @@ impl Cluster {
 
     fn create_job(&mut self, spec: pb::JobSpec) -> Result<pb::Job, SchedulerError> {
         spec::validate(&spec, &self.cfg.limits)?;
+        if !self.groups.exists(&spec.capacity_group) {
+            return Err(SchedulerError::BadField {
+                field: "capacity_group",
+                reason: format!(
+                    "no capacity group named {} (known: {})",
+                    spec.capacity_group,
+                    self.groups.names().join(", ")
+                ),
+            });
+        }
         if self.active_names.contains_key(&spec.name) {
             return Err(SchedulerError::NameTaken(spec.name));
         }
@@ -775,7 +814,19 @@ impl Cluster {
             });
         };
         let from = state_of(t).unwrap_or(TaskState::Accepted);
-        let (next, effects) = step(from, event)?;
+        let (mut next, effects) = step(from, event)?;
+        if next == TaskState::Finished(FinishReason::Killed) && !t.preempted_for.is_empty() {
+            next = TaskState::Finished(FinishReason::Preempted);
+        }
+        if next.is_finished()
+            && !t.preempted_for.is_empty()
+            && let Some(victims) = self.preempting.get_mut(&t.preempted_for)
+        {
+            victims.remove(&t.id);
+            if victims.is_empty() {
+                self.preempting.remove(&t.preempted_for);
+            }
+        }
         let (st, reason, code) = next.to_proto();
         t.state = st as i32;
         t.reason = reason as i32;
@@ -828,6 +879,9 @@ impl Cluster {
                 Effect::ReleaseResources => {
                     let res = job.as_ref().map(task_resources).unwrap_or_default();
                     self.engine.release(&t.node_id, &t.job_id, &res);
+                    if let Some(job) = &job {
+                        self.groups.sub(group_of(job), &res);
+                    }
                 }
             }
         }
@@ -866,9 +920,18 @@ impl Cluster {
                     .and_then(|s| s.retry.as_ref())
                     .map_or(0, |r| r.max_retries);
                 let retryable = !reason.is_success() && reason != FinishReason::Killed;
-                if active && retryable && t.attempt < max {
+                if active && reason == FinishReason::Preempted {
+                    // Requeued at once, without using up a retry.
+                    let id = self.new_task(&job.id, t.index, t.attempt + 1, now_unix_ms());
+                    if let Some(n) = self.tasks.get_mut(&id) {
+                        n.preemptions = t.preemptions + 1;
+                    }
+                } else if active && retryable && t.attempt.saturating_sub(t.preemptions) < max {
                     let at = now_unix_ms() + self.backoff_ms(&job, t.attempt);
-                    self.new_task(&job.id, t.index, t.attempt + 1, at);
+                    let id = self.new_task(&job.id, t.index, t.attempt + 1, at);
+                    if let Some(n) = self.tasks.get_mut(&id) {
+                        n.preemptions = t.preemptions;
+                    }
                 }
             }
             pb::JobType::Service => {
@@ -876,7 +939,10 @@ impl Cluster {
                 let live = self.tasks_of(&job.id).iter().filter(|x| is_live(x)).count();
                 if active && live < desired {
                     let delay = match reason {
-                        FinishReason::Lost | FinishReason::Killed | FinishReason::Normal => 0,
+                        FinishReason::Lost
+                        | FinishReason::Killed
+                        | FinishReason::Normal
+                        | FinishReason::Preempted => 0,
                         _ => self.backoff_ms(&job, t.attempt),
                     };
                     self.new_task(&job.id, t.index, t.attempt + 1, now_unix_ms() + delay);
@@ -969,8 +1035,10 @@ impl Cluster {
         }
     }
 
-    /// Places every pending task whose backoff has passed, in submission order, one job at a
-    /// time so that a job's tasks are placed in one pass.
+    /// Places every pending task whose backoff has passed, one job at a time so that a job's
+    /// tasks are placed in one pass. Critical capacity groups go first; among groups of a tier
+    /// the one with the smallest dominant share goes next (DRF); within a group, jobs go in
+    /// submission order.
     fn schedule(&mut self) {
         let now = now_unix_ms();
         let mut pending: Vec<(String, u32, u32, String)> = self
@@ -981,83 +1049,253 @@ impl Cluster {
             .collect();
         if pending.is_empty() {
             self.blocked.clear();
+            let done: Vec<String> = self.reservations.keys().cloned().collect();
+            for j in done {
+                self.end_reservation(&j);
+            }
             return;
         }
         pending.sort();
-        self.blocked
-            .retain(|j, _| pending.binary_search_by(|p| p.0.as_str().cmp(j)).is_ok());
-        let mut touched = BTreeSet::new();
+        let is_pending = |j: &String| pending.binary_search_by(|p| p.0.as_str().cmp(j)).is_ok();
+        self.blocked.retain(|j, _| is_pending(j));
+        let done: Vec<String> = self
+            .reservations
+            .keys()
+            .filter(|j| !is_pending(j))
+            .cloned()
+            .collect();
+        for j in done {
+            self.end_reservation(&j);
+        }
+        let mut queues: BTreeMap<String, std::collections::VecDeque<(String, Vec<String>)>> =
+            BTreeMap::new();
         for group in pending.chunk_by(|a, b| a.0 == b.0) {
-            let job_id = &group[0].0;
-            if let Some((epoch, reason)) = self.blocked.get(job_id)
-                && *epoch == self.engine.epoch()
-            {
-                // Nothing freed since: the same answer, also for tasks added meanwhile.
-                for (_, _, _, task_id) in group {
-                    if let Some(t) = self.tasks.get_mut(task_id)
-                        && t.pending_reason != *reason
-                    {
-                        t.pending_reason = reason.clone();
-                        self.dirty_tasks.insert(task_id.clone());
-                    }
-                }
-                continue;
-            }
-            let Some(job) = self.jobs.get(job_id) else {
+            let job_id = group[0].0.clone();
+            let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
-            let req = task_resources(job);
-            let spec = job.spec.as_ref();
-            let strategy = spec
-                .and_then(|s| Strategy::parse(&s.strategy))
-                .unwrap_or(self.cfg.strategy);
-            let constraints = self.constraints.entry(job_id.clone()).or_insert_with(|| {
-                spec.and_then(|s| s.constraints.as_ref())
-                    .and_then(|c| Constraints::parse(c).ok())
-                    .unwrap_or_default()
-            });
-            let (nodes, why) = self.engine.place_job(
-                &Request {
-                    job_id,
-                    resources: &req,
-                    constraints,
-                    strategy,
-                },
-                group.len(),
-            );
-            for ((_, _, _, task_id), node_id) in group.iter().zip(&nodes) {
-                if let Some(t) = self.tasks.get_mut(task_id) {
-                    t.node_id = node_id.clone();
-                }
-                let _ = self.transition(task_id, TaskEvent::Placed, "");
-                debug!(task_id, node_id, "Task placed.");
-            }
-            if !nodes.is_empty() {
+            let ids = group.iter().map(|p| p.3.clone()).collect();
+            queues
+                .entry(group_of(job).to_string())
+                .or_default()
+                .push_back((job_id, ids));
+        }
+        let total = self.engine.total_capacity();
+        let mut touched = BTreeSet::new();
+        loop {
+            let next = queues
+                .keys()
+                .map(|g| {
+                    (
+                        self.groups.tier(g),
+                        self.groups.dominant_share(g, &total),
+                        g.clone(),
+                    )
+                })
+                .min_by(|a, b| {
+                    (a.0, a.1)
+                        .partial_cmp(&(b.0, b.1))
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                        .then_with(|| a.2.cmp(&b.2))
+                });
+            let Some((_, _, group)) = next else { break };
+            let Some(queue) = queues.get_mut(&group) else {
+                break;
+            };
+            let Some((job_id, task_ids)) = queue.pop_front() else {
+                queues.remove(&group);
+                continue;
+            };
+            // Alone, a group places whole jobs; competing, one task per turn, so that shares
+            // stay even.
+            let limit = if queues.len() == 1 { task_ids.len() } else { 1 };
+            let placed = self.place_tasks(&job_id, &task_ids, limit);
+            if placed > 0 {
                 touched.insert(job_id.clone());
             }
-            match &why {
-                Some(reason) => {
-                    self.blocked
-                        .insert(job_id.clone(), (self.engine.epoch(), reason.clone()));
-                }
-                None => {
-                    self.blocked.remove(job_id);
-                }
+            let Some(queue) = queues.get_mut(&group) else {
+                break;
+            };
+            if placed == limit && placed < task_ids.len() {
+                queue.push_front((job_id, task_ids[placed..].to_vec()));
             }
-            if let Some(reason) = why {
-                for (_, _, _, task_id) in &group[nodes.len()..] {
-                    if let Some(t) = self.tasks.get_mut(task_id)
-                        && t.pending_reason != reason
-                    {
-                        t.pending_reason = reason.clone();
-                        self.dirty_tasks.insert(task_id.clone());
-                    }
-                }
+            if queue.is_empty() {
+                queues.remove(&group);
             }
         }
         // Once per job, not per task: a job's counts cost a pass over its tasks.
         for job_id in touched {
             self.refresh_job(&job_id);
+        }
+    }
+
+    /// Places up to `limit` of one job's pending tasks within its group's quota; when one
+    /// does not fit, sets every unplaced task's pending reason and, for a critical job,
+    /// preempts flex tasks. Returns how many were placed.
+    fn place_tasks(&mut self, job_id: &str, task_ids: &[String], limit: usize) -> usize {
+        if let Some((epoch, reason)) = self.blocked.get(job_id)
+            && *epoch == self.engine.epoch()
+        {
+            // Nothing freed since: the same answer, also for tasks added meanwhile.
+            let reason = reason.clone();
+            self.set_pending_reason(task_ids, &reason);
+            return 0;
+        }
+        let Some(job) = self.jobs.get(job_id) else {
+            return 0;
+        };
+        let req = task_resources(job);
+        let spec = job.spec.as_ref();
+        let strategy = spec
+            .and_then(|s| Strategy::parse(&s.strategy))
+            .unwrap_or(self.cfg.strategy);
+        let group = group_of(job).to_string();
+        if !self.constraints.contains_key(job_id) {
+            let parsed = spec
+                .and_then(|s| s.constraints.as_ref())
+                .and_then(|c| Constraints::parse(c).ok())
+                .unwrap_or_default();
+            self.constraints.insert(job_id.to_string(), parsed);
+        }
+        let Some(constraints) = self.constraints.get(job_id) else {
+            return 0;
+        };
+        let (allowed, over_quota) = self.groups.room(&group, &req, limit.min(task_ids.len()));
+        let request = Request {
+            job_id,
+            resources: &req,
+            constraints,
+            strategy,
+        };
+        let (nodes, no_room) = if allowed > 0 {
+            self.engine.place_job(&request, allowed)
+        } else {
+            (Vec::new(), None)
+        };
+        let plan = match &no_room {
+            Some(_) if self.groups.tier(&group) == Tier::Critical => {
+                self.plan_preemption(job_id, &request)
+            }
+            _ => None,
+        };
+        if !nodes.is_empty() {
+            self.end_reservation(job_id);
+        }
+        for (task_id, node_id) in task_ids.iter().zip(&nodes) {
+            self.groups.add(&group, &req);
+            if let Some(t) = self.tasks.get_mut(task_id) {
+                t.node_id = node_id.clone();
+            }
+            let _ = self.transition(task_id, TaskEvent::Placed, "");
+            debug!(task_id, node_id, "Task placed.");
+        }
+        let why = no_room.or_else(|| over_quota.map(|d| self.groups.quota_reason(&group, d)));
+        match &why {
+            Some(reason) => {
+                self.blocked
+                    .insert(job_id.to_string(), (self.engine.epoch(), reason.clone()));
+                self.set_pending_reason(&task_ids[nodes.len()..], reason);
+            }
+            None => {
+                self.blocked.remove(job_id);
+            }
+        }
+        if let Some(plan) = plan {
+            self.preempt(job_id, &group, plan);
+        }
+        nodes.len()
+    }
+
+    fn end_reservation(&mut self, job_id: &str) {
+        if let Some(node_id) = self.reservations.remove(job_id) {
+            self.engine.unreserve(&node_id);
+        }
+    }
+
+    fn set_pending_reason(&mut self, task_ids: &[String], reason: &str) {
+        for task_id in task_ids {
+            if let Some(t) = self.tasks.get_mut(task_id)
+                && t.pending_reason != reason
+            {
+                t.pending_reason = reason.to_string();
+                self.dirty_tasks.insert(task_id.clone());
+            }
+        }
+    }
+
+    /// Which flex tasks to preempt so that one task of a critical job fits, unless earlier
+    /// victims are still on their way out.
+    fn plan_preemption(&self, job_id: &str, req: &Request<'_>) -> Option<preempt::Plan> {
+        if self.preempting.contains_key(job_id) {
+            return None;
+        }
+        let now = now_unix_ms();
+        let mut by_node: HashMap<&str, Vec<Candidate>> = HashMap::new();
+        for t in self.tasks.values() {
+            let on_node = matches!(
+                pb::TaskState::try_from(t.state),
+                Ok(pb::TaskState::Launched
+                    | pb::TaskState::StartInitiated
+                    | pb::TaskState::Started)
+            );
+            let Some(job) = self.jobs.get(&t.job_id) else {
+                continue;
+            };
+            if !on_node || self.groups.tier(group_of(job)) != Tier::Flex {
+                continue;
+            }
+            let res = task_resources(job);
+            let started = t
+                .history
+                .iter()
+                .rev()
+                .find(|h| h.state == pb::TaskState::Started as i32)
+                .map(|h| h.at_unix_ms);
+            let secs = started.map_or(0, |at| u64::try_from(now - at).unwrap_or(0) / 1000);
+            by_node.entry(&t.node_id).or_default().push(Candidate {
+                task_id: t.id.clone(),
+                resources: res,
+                work: secs.saturating_mul(u64::from(res.cpu_millis)),
+            });
+        }
+        let nodes = by_node
+            .into_iter()
+            .filter(|(node_id, _)| self.engine.admits(node_id, req))
+            .filter_map(|(node_id, victims)| {
+                Some(NodeCandidates {
+                    node_id: node_id.to_string(),
+                    free: self.engine.free(node_id)?,
+                    victims,
+                })
+            })
+            .collect();
+        preempt::plan(req.resources, nodes)
+    }
+
+    fn preempt(&mut self, job_id: &str, group: &str, plan: preempt::Plan) {
+        info!(
+            job_id,
+            node_id = plan.node_id,
+            victims = plan.victims.len(),
+            work = plan.work,
+            "Preempting flex tasks for a critical job."
+        );
+        let why = format!("preempted for job {job_id} of critical capacity group {group}");
+        // The room the victims leave is kept for this job.
+        self.end_reservation(job_id);
+        self.engine.reserve(&plan.node_id, job_id);
+        self.reservations
+            .insert(job_id.to_string(), plan.node_id.clone());
+        for id in plan.victims {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.preempted_for = job_id.to_string();
+            }
+            if self.transition(&id, TaskEvent::KillRequested, &why).is_ok() {
+                self.preempting
+                    .entry(job_id.to_string())
+                    .or_default()
+                    .insert(id);
+            }
         }
     }
 

@@ -97,6 +97,8 @@ struct Node {
     jobs: FxHashMap<JobIx, u32>,
     /// The job that holds this node exclusively, while it has tasks here.
     exclusive: Option<JobIx>,
+    /// The job this node's freed room is kept for (a preemption in progress).
+    reserved: Option<JobIx>,
 }
 
 impl Node {
@@ -110,6 +112,8 @@ struct JobUse {
     nodes: FxHashMap<Slot, u32>,
     zones: FxHashMap<ZoneIx, u32>,
     exclusive: bool,
+    /// Nodes reserved for the job.
+    reserved: u32,
 }
 
 /// Why a node cannot take a task, in the order checks are made.
@@ -119,6 +123,7 @@ enum Exclusion {
     /// The index of a hard attribute rule in the request's list.
     Rule(usize),
     ExclusiveHost,
+    Reserved,
     UniqueHost,
     ZoneBalance,
     Resource(Dimension),
@@ -130,6 +135,7 @@ impl Exclusion {
             Exclusion::NotReady => "not ready".into(),
             Exclusion::Rule(i) => rules.get(*i).map(|r| r.label()).unwrap_or_default(),
             Exclusion::ExclusiveHost => "exclusive host".into(),
+            Exclusion::Reserved => "reserved for a preempting task".into(),
             Exclusion::UniqueHost => "unique host".into(),
             Exclusion::ZoneBalance => "zone balance".into(),
             Exclusion::Resource(d) => d.name().to_string(),
@@ -158,6 +164,8 @@ pub struct Engine {
     job_use: FxHashMap<JobIx, JobUse>,
     /// Bumped whenever room may have appeared (a release, a node added or back).
     epoch: u64,
+    /// Capacity of the schedulable nodes.
+    total: Resources,
 }
 
 impl Engine {
@@ -248,7 +256,7 @@ impl Engine {
             if let Some(z) = zone {
                 dec(&mut u.zones, z);
             }
-            if u.nodes.is_empty() {
+            if u.nodes.is_empty() && u.reserved == 0 {
                 self.forget_job(job);
             }
         }
@@ -265,6 +273,60 @@ impl Engine {
     /// need not be tried again until it changes.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Keeps a node's room for one job: no other job's task is placed there until
+    /// [`Engine::unreserve`]. A node holds one reservation; a new one replaces it.
+    pub fn reserve(&mut self, node_id: &str, job_id: &str) {
+        self.unreserve(node_id);
+        let Some(&slot) = self.by_id.get(node_id) else {
+            return;
+        };
+        let job = self.job(job_id);
+        self.job_use.entry(job).or_default().reserved += 1;
+        if let Some(n) = self.nodes[slot].as_mut() {
+            n.reserved = Some(job);
+        }
+    }
+
+    /// Ends a node's reservation.
+    pub fn unreserve(&mut self, node_id: &str) {
+        let Some(&slot) = self.by_id.get(node_id) else {
+            return;
+        };
+        let Some(job) = self.nodes[slot].as_mut().and_then(|n| n.reserved.take()) else {
+            return;
+        };
+        self.epoch += 1;
+        if let Some(u) = self.job_use.get_mut(&job) {
+            u.reserved = u.reserved.saturating_sub(1);
+            if u.nodes.is_empty() && u.reserved == 0 {
+                self.forget_job(job);
+            }
+        }
+    }
+
+    /// The capacity of all schedulable nodes.
+    pub fn total_capacity(&self) -> Resources {
+        self.total
+    }
+
+    /// A node's free capacity.
+    pub fn free(&self, node_id: &str) -> Option<Resources> {
+        Some(self.node(*self.by_id.get(node_id)?)?.free())
+    }
+
+    /// Whether a task of `req` could go to this node if it had room: it is schedulable and
+    /// meets every hard constraint.
+    pub fn admits(&self, node_id: &str, req: &Request<'_>) -> bool {
+        let Some(&slot) = self.by_id.get(node_id) else {
+            return false;
+        };
+        let Some(n) = self.node(slot) else {
+            return false;
+        };
+        let ctx = Ctx::new(self, req);
+        matches!(ctx.exclusion(slot, n), None | Some(Exclusion::Resource(_)))
     }
 
     /// Number of nodes known.
@@ -429,6 +491,7 @@ impl Engine {
             tasks: 0,
             jobs: FxHashMap::default(),
             exclusive: None,
+            reserved: None,
         };
         let slot = match self.spare.pop() {
             Some(s) => {
@@ -479,7 +542,10 @@ impl Engine {
     /// Drops the handle of a job that holds nothing (one whose tasks all failed to place).
     fn forget_if_idle(&mut self, job_id: &str) {
         if let Some(&j) = self.job_ix.get(job_id)
-            && self.job_use.get(&j).is_none_or(|u| u.nodes.is_empty())
+            && self
+                .job_use
+                .get(&j)
+                .is_none_or(|u| u.nodes.is_empty() && u.reserved == 0)
         {
             self.forget_job(j);
         }
@@ -540,6 +606,7 @@ impl Engine {
         if !n.schedulable {
             return;
         }
+        self.total = self.total.saturating_sub(&n.capacity);
         if let Some(z) = n.zone {
             self.zone_nodes[z as usize] -= 1;
         }
@@ -554,6 +621,7 @@ impl Engine {
         if !n.schedulable {
             return;
         }
+        self.total = self.total.saturating_add(&n.capacity);
         if let Some(z) = n.zone {
             self.zone_nodes[z as usize] += 1;
         }
@@ -707,6 +775,9 @@ impl<'a> Ctx<'a> {
         }
         if self.exclusive && n.tasks > self.job_on(slot) {
             return Some(Exclusion::ExclusiveHost);
+        }
+        if n.reserved.is_some() && n.reserved != self.job {
+            return Some(Exclusion::Reserved);
         }
         if self.unique && self.job_on(slot) > 0 {
             return Some(Exclusion::UniqueHost);

@@ -266,6 +266,32 @@ fn release_and_placeholders_keep_the_books() {
     );
 }
 
+#[test]
+fn a_reserved_node_is_kept_for_its_job() {
+    let mut e = Engine::new();
+    e.upsert_node(node("r", res(4000, 4096), &[]));
+    e.reserve("r", "critical");
+    let (_, why) = place(&mut e, "other", res(100, 64), &none(), Strategy::Binpack, 1);
+    assert_eq!(why.unwrap(), "1 node: reserved for a preempting task");
+    assert_eq!(
+        place(
+            &mut e,
+            "critical",
+            res(100, 64),
+            &none(),
+            Strategy::Binpack,
+            1
+        )
+        .0,
+        ["r"]
+    );
+    e.unreserve("r");
+    assert_eq!(
+        place(&mut e, "other", res(100, 64), &none(), Strategy::Binpack, 1).0,
+        ["r"]
+    );
+}
+
 #[derive(Debug, Clone)]
 struct JobGen {
     cpu: u32,
