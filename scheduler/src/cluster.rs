@@ -27,6 +27,11 @@ use crate::store::{Store, Write};
 
 /// Outbound buffer per agent; an agent this far behind is disconnected and must re-register.
 pub(crate) const AGENT_QUEUE_LEN: usize = 4096;
+/// Most commands handled before one scheduling pass and commit.
+const BATCH: usize = 2048;
+
+/// A reply held until the commit it depends on is done; gets the commit's error, if any.
+type Deferred = Box<dyn FnOnce(Option<String>) + Send>;
 const WATCH_QUEUE: usize = 8192;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -148,6 +153,12 @@ struct NodeEntry {
     last_seen: Instant,
 }
 
+/// A job checked and built, waiting for its batch's commit.
+struct Staged {
+    job: pb::Job,
+    tasks: Vec<pb::Task>,
+}
+
 struct Cluster {
     cfg: ClusterConfig,
     store: Store,
@@ -173,6 +184,18 @@ struct Cluster {
     dirty_jobs: BTreeSet<String>,
     dirty_tasks: BTreeSet<String>,
     outbox: Vec<(String, pb::SchedulerMessage)>,
+    /// Replies waiting for the next commit.
+    replies: Vec<Deferred>,
+    /// New jobs of this batch, not committed yet.
+    staged: Vec<(Staged, Reply<pb::Job>)>,
+    /// Accepted tasks by (job, index, attempt), the scheduling queue.
+    pending: BTreeSet<(String, u32, u32, String)>,
+    /// Whether anything since the last pass could let a task be placed.
+    sched_dirty: bool,
+    /// The engine epoch at the last pass.
+    sched_epoch: u64,
+    /// Jobs whose counts and state need recomputing before the next commit.
+    stale_jobs: BTreeSet<String>,
 }
 
 /// Loads the store and starts the actor; it stops when `cancel` fires.
@@ -202,6 +225,12 @@ pub fn spawn(
         dirty_jobs: BTreeSet::new(),
         dirty_tasks: BTreeSet::new(),
         outbox: Vec::new(),
+        replies: Vec::new(),
+        staged: Vec::new(),
+        pending: BTreeSet::new(),
+        sched_dirty: true,
+        sched_epoch: 0,
+        stale_jobs: BTreeSet::new(),
     };
     c.restore(snap);
     let (tx, mut rx) = mpsc::channel(1024);
@@ -212,7 +241,16 @@ pub fn spawn(
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => c.handle(cmd),
+                    Some(cmd) => {
+                        // Group commit: whatever else is queued joins this batch, then one
+                        // scheduling pass and one store commit serve all of it.
+                        c.handle(cmd);
+                        for _ in 1..BATCH {
+                            let Ok(cmd) = rx.try_recv() else { break };
+                            c.handle(cmd);
+                        }
+                        c.settle();
+                    }
                     None => break,
                 },
                 _ = tick.tick() => c.tick(),
@@ -333,6 +371,10 @@ impl Cluster {
                 .entry(t.job_id.clone())
                 .or_default()
                 .push(t.id.clone());
+            if t.state == pb::TaskState::Accepted as i32 {
+                self.pending
+                    .insert((t.job_id.clone(), t.index, t.attempt, t.id.clone()));
+            }
             self.tasks.insert(t.id.clone(), t);
         }
         info!(
@@ -345,10 +387,12 @@ impl Cluster {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::CreateJob(spec, reply) => {
-                let r = self.create_job(*spec);
-                self.finish(reply, r);
-            }
+            Command::CreateJob(spec, reply) => match self.stage_job(*spec) {
+                Ok(staged) => self.staged.push((staged, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::GetJob(id, reply) => {
                 let r = self.find_job(&id).map(|job| {
                     let tasks = self.tasks_of(&job.id);
@@ -432,8 +476,6 @@ impl Cluster {
                 msg,
             } => {
                 self.on_agent_message(&node_id, conn_id, msg);
-                self.schedule();
-                let _ = self.flush();
             }
             Command::Disconnected { node_id, conn_id } => {
                 if let Some(n) = self.nodes.get_mut(&node_id)
@@ -450,16 +492,27 @@ impl Cluster {
         }
     }
 
-    /// Schedules, commits, then replies: the caller hears back only about durable state.
-    fn finish<T>(&mut self, reply: Reply<T>, r: Result<T, SchedulerError>) {
-        self.schedule();
-        match self.flush() {
-            Ok(()) => {
-                let _ = reply.send(r);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
+    /// Replies once the batch is scheduled and committed: the caller hears back only about
+    /// durable state.
+    fn finish<T: Send + 'static>(&mut self, reply: Reply<T>, r: Result<T, SchedulerError>) {
+        self.replies.push(Box::new(move |err| {
+            let _ = reply.send(match err {
+                Some(e) => Err(SchedulerError::CommitFailed(e)),
+                None => r,
+            });
+        }));
+    }
+
+    /// Ends a batch: one scheduling pass if anything could have changed, one commit, then the
+    /// replies that waited for it.
+    fn settle(&mut self) {
+        self.commit_staged();
+        if self.sched_dirty || self.engine.epoch() != self.sched_epoch {
+            self.schedule();
+        }
+        let err = self.flush().err().map(|e| e.to_string());
+        for reply in std::mem::take(&mut self.replies) {
+            reply(err.clone());
         }
     }
 
@@ -481,6 +534,8 @@ impl Cluster {
         let jobs = &self.jobs;
         self.constraints
             .retain(|id, _| jobs.get(id).is_some_and(job_is_active));
+        // Retry backoffs end with time, not with events.
+        self.sched_dirty = true;
         self.schedule();
         let _ = self.flush();
     }
@@ -505,6 +560,9 @@ impl Cluster {
 
     /// Commits dirty records, then tells watchers and agents.
     fn flush(&mut self) -> Result<(), SchedulerError> {
+        for job_id in std::mem::take(&mut self.stale_jobs) {
+            self.refresh_job(&job_id);
+        }
         if self.dirty_jobs.is_empty() && self.dirty_tasks.is_empty() && self.outbox.is_empty() {
             return Ok(());
         }
@@ -549,6 +607,9 @@ impl Cluster {
 
     /// Tells watchers about records that were just committed.
     fn announce(&self, writes: Vec<Write>) {
+        if self.watch.receiver_count() == 0 {
+            return;
+        }
         for w in writes {
             let ev = match w {
                 Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
@@ -589,6 +650,9 @@ impl Cluster {
     fn new_task(&mut self, job_id: &str, index: u32, attempt: u32, not_before: i64) -> String {
         let t = accepted_task(job_id, index, attempt, not_before);
         let id = t.id.clone();
+        self.pending
+            .insert((job_id.to_string(), index, attempt, id.clone()));
+        self.sched_dirty = true;
         self.job_tasks
             .entry(job_id.to_string())
             .or_default()
@@ -598,7 +662,9 @@ impl Cluster {
         id
     }
 
-    fn create_job(&mut self, spec: pb::JobSpec) -> Result<pb::Job, SchedulerError> {
+    /// Checks a new job and builds its records; they are committed with the rest of the batch
+    /// in [`Cluster::commit_staged`] before anything else sees them.
+    fn stage_job(&mut self, spec: pb::JobSpec) -> Result<Staged, SchedulerError> {
         spec::validate(&spec, &self.cfg.limits)?;
         if !self.groups.exists(&spec.capacity_group) {
             return Err(SchedulerError::BadField {
@@ -610,7 +676,12 @@ impl Cluster {
                 ),
             });
         }
-        if self.active_names.contains_key(&spec.name) {
+        if self.active_names.contains_key(&spec.name)
+            || self
+                .staged
+                .iter()
+                .any(|(s, _)| s.job.spec.as_ref().is_some_and(|x| x.name == spec.name))
+        {
             return Err(SchedulerError::NameTaken(spec.name));
         }
         let now = now_unix_ms();
@@ -620,30 +691,57 @@ impl Cluster {
             created_unix_ms: now,
             updated_unix_ms: now,
             spec: Some(spec),
+            counts: None,
             ..Default::default()
         };
         let n = job.spec.as_ref().map_or(0, |s| s.tasks);
         let tasks: Vec<pb::Task> = (0..n).map(|i| accepted_task(&job.id, i, 0, 0)).collect();
-        // Stored before it enters memory: a failed commit leaves no trace.
-        let mut writes = vec![Write::Job(Box::new(job.clone()))];
-        writes.extend(tasks.iter().cloned().map(|t| Write::Task(Box::new(t))));
-        self.store.commit(&writes)?;
-        self.announce(writes);
-        let name = job
-            .spec
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        self.active_names.insert(name.clone(), job.id.clone());
-        let ids = self.job_tasks.entry(job.id.clone()).or_default();
-        for t in tasks {
-            ids.push(t.id.clone());
-            self.tasks.insert(t.id.clone(), t);
+        Ok(Staged { job, tasks })
+    }
+
+    /// Commits the batch's new jobs in one transaction, then lets them into memory and answers
+    /// their callers; a failed commit leaves no trace of any of them.
+    fn commit_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
         }
-        self.jobs.insert(job.id.clone(), job.clone());
-        self.refresh_job(&job.id);
-        info!(job_id = %job.id, name, tasks = n, "Job accepted.");
-        Ok(self.jobs.get(&job.id).cloned().unwrap_or(job))
+        let staged = std::mem::take(&mut self.staged);
+        let mut writes = Vec::new();
+        for (s, _) in &staged {
+            writes.push(Write::Job(Box::new(s.job.clone())));
+            writes.extend(s.tasks.iter().cloned().map(|t| Write::Task(Box::new(t))));
+        }
+        if let Err(e) = self.store.commit(&writes) {
+            error!(error = %e, jobs = staged.len(), "Cannot commit new jobs; none was accepted.");
+            for (_, reply) in staged {
+                let _ = reply.send(Err(SchedulerError::CommitFailed(e.to_string())));
+            }
+            return;
+        }
+        self.announce(writes);
+        for (Staged { job, tasks }, reply) in staged {
+            let name = job
+                .spec
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            self.active_names.insert(name.clone(), job.id.clone());
+            let ids = self.job_tasks.entry(job.id.clone()).or_default();
+            let n = tasks.len();
+            for t in tasks {
+                ids.push(t.id.clone());
+                self.pending
+                    .insert((t.job_id.clone(), t.index, t.attempt, t.id.clone()));
+                self.tasks.insert(t.id.clone(), t);
+            }
+            self.sched_dirty = true;
+            self.jobs.insert(job.id.clone(), job.clone());
+            self.refresh_job(&job.id);
+            info!(job_id = %job.id, name, tasks = n, "Job accepted.");
+            let job = self.jobs.get(&job.id).cloned().unwrap_or(job);
+            // Committed: the reply does not wait for the rest of the batch.
+            let _ = reply.send(Ok(job));
+        }
     }
 
     fn list_jobs(&self, req: &pb::ListJobsRequest) -> Result<pb::ListJobsResponse, SchedulerError> {
@@ -815,6 +913,11 @@ impl Cluster {
         };
         let from = state_of(t).unwrap_or(TaskState::Accepted);
         let (mut next, effects) = step(from, event)?;
+        if from == TaskState::Accepted {
+            self.pending
+                .remove(&(t.job_id.clone(), t.index, t.attempt, t.id.clone()));
+        }
+        self.stale_jobs.insert(t.job_id.clone());
         if next == TaskState::Finished(FinishReason::Killed) && !t.preempted_for.is_empty() {
             next = TaskState::Finished(FinishReason::Preempted);
         }
@@ -846,18 +949,19 @@ impl Cluster {
         let t = t.clone();
         self.dirty_tasks.insert(t.id.clone());
         debug!(task_id, %from, to = %next, "Task transition.");
-        let job = self.jobs.get(&t.job_id).cloned();
+        let job = self.jobs.get(&t.job_id);
         for e in effects {
             match e {
                 Effect::SendAssignment => {
-                    let Some(job) = &job else { continue };
-                    let spec = job.spec.clone().unwrap_or_default();
+                    let Some(spec) = job.and_then(|j| j.spec.as_ref()) else {
+                        continue;
+                    };
                     let msg = pb::scheduler_message::Msg::Assign(pb::TaskAssignment {
                         task_id: t.id.clone(),
                         job_id: t.job_id.clone(),
                         index: t.index,
                         attempt: t.attempt,
-                        container: spec.container,
+                        container: spec.container.clone(),
                         runtime_limit_ms: spec.runtime_limit_ms,
                     });
                     self.outbox
@@ -865,8 +969,7 @@ impl Cluster {
                 }
                 Effect::SendKill => {
                     let grace = spec::kill_grace_ms(
-                        job.as_ref()
-                            .and_then(|j| j.spec.as_ref())
+                        job.and_then(|j| j.spec.as_ref())
                             .and_then(|s| s.container.as_ref()),
                     );
                     let msg = pb::scheduler_message::Msg::Kill(pb::KillOrder {
@@ -877,9 +980,9 @@ impl Cluster {
                         .push((t.node_id.clone(), pb::SchedulerMessage { msg: Some(msg) }));
                 }
                 Effect::ReleaseResources => {
-                    let res = job.as_ref().map(task_resources).unwrap_or_default();
+                    let res = job.map(task_resources).unwrap_or_default();
                     self.engine.release(&t.node_id, &t.job_id, &res);
-                    if let Some(job) = &job {
+                    if let Some(job) = job {
                         self.groups.sub(group_of(job), &res);
                     }
                 }
@@ -955,7 +1058,11 @@ impl Cluster {
 
     /// Recomputes a job's counts and, when all its work is done, its final state.
     fn refresh_job(&mut self, job_id: &str) {
-        let tasks = self.tasks_of(job_id);
+        let tasks: Vec<&pb::Task> = self
+            .job_tasks
+            .get(job_id)
+            .map(|ids| ids.iter().filter_map(|id| self.tasks.get(id)).collect())
+            .unwrap_or_default();
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
@@ -978,7 +1085,7 @@ impl Cluster {
                 None => {}
             }
         }
-        let live = tasks.iter().any(is_live);
+        let live = tasks.iter().any(|t| is_live(t));
         let old_state = job.state;
         if job.state == pb::JobState::KillInitiated as i32 && !live {
             job.state = pb::JobState::Killed as i32;
@@ -991,7 +1098,7 @@ impl Cluster {
         {
             // Every index's latest attempt is final (a retry would be live or pending).
             let mut latest: BTreeMap<u32, &pb::Task> = BTreeMap::new();
-            for t in &tasks {
+            for t in tasks.iter().copied() {
                 if latest.get(&t.index).is_none_or(|l| l.attempt < t.attempt) {
                     latest.insert(t.index, t);
                 }
@@ -1040,12 +1147,18 @@ impl Cluster {
     /// the one with the smallest dominant share goes next (DRF); within a group, jobs go in
     /// submission order.
     fn schedule(&mut self) {
+        self.sched_dirty = false;
+        self.sched_epoch = self.engine.epoch();
         let now = now_unix_ms();
         let mut pending: Vec<(String, u32, u32, String)> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == pb::TaskState::Accepted as i32 && t.not_before_unix_ms <= now)
-            .map(|t| (t.job_id.clone(), t.index, t.attempt, t.id.clone()))
+            .pending
+            .iter()
+            .filter(|p| {
+                self.tasks
+                    .get(&p.3)
+                    .is_some_and(|t| t.not_before_unix_ms <= now)
+            })
+            .cloned()
             .collect();
         if pending.is_empty() {
             self.blocked.clear();

@@ -35,6 +35,9 @@ pub enum SchedulerError {
     /// The store failed; the change was not made.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The batch this request was in could not be stored; retry.
+    #[error("the change could not be stored ({0}); retry")]
+    CommitFailed(String),
     /// The scheduler is shutting down.
     #[error("scheduler is shutting down")]
     ShuttingDown,
@@ -51,7 +54,9 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::NotFound { .. } => tonic::Status::not_found(msg),
             SchedulerError::Precondition(_) => tonic::Status::failed_precondition(msg),
             SchedulerError::Store(_) => tonic::Status::internal(msg),
-            SchedulerError::ShuttingDown => tonic::Status::unavailable(msg),
+            SchedulerError::CommitFailed(_) | SchedulerError::ShuttingDown => {
+                tonic::Status::unavailable(msg)
+            }
         }
     }
 }

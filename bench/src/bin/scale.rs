@@ -1,0 +1,268 @@
+//! Benchmarks 2-4: a real `berth scheduler` process, simulated agents speaking the real agent
+//! protocol (berth-sim), and jobs submitted through the real gRPC API.
+//!
+//! 2. time from the first CreateJob to every task Started, as the scheduler reports it;
+//! 3. the scheduler's RSS with every node and task in memory;
+//! 4. the time for a SIGKILLed scheduler to reload its store and serve every job again, and
+//!    for all simulated agents to re-register.
+//!
+//! Usage: scale [NODES] [TASKS] [TASKS_PER_JOB]   (defaults 10000 1000000 100)
+//! The scheduler binary is `$BERTH_BIN` (default target/release/berth).
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use berth_bench::{MIX, table};
+use berth_proto as pb;
+use pb::job_service_client::JobServiceClient;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn spawn_scheduler(bin: &str, data: &std::path::Path, addr: &str) -> Result<Child, Error> {
+    Ok(Command::new(bin)
+        .args(["scheduler", "--listen", addr, "--heartbeat-interval", "5s"])
+        .args(["--heartbeat-timeout", "120s", "--data-dir"])
+        .arg(data)
+        .env("BERTH_LOG", "error")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+async fn client(addr: &str) -> Result<JobServiceClient<Channel>, Error> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+        if let Ok(ch) = ep.connect().await {
+            return Ok(JobServiceClient::new(ch)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(64 << 20));
+        }
+        if Instant::now() > deadline {
+            return Err("scheduler never answered".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Every job, page by page; with the sum of Started tasks.
+async fn list_all(c: &mut JobServiceClient<Channel>) -> Result<(usize, u64), Error> {
+    let mut req = pb::ListJobsRequest {
+        page_size: 1000,
+        ..Default::default()
+    };
+    let (mut jobs, mut started) = (0, 0u64);
+    loop {
+        let page = c.list_jobs(req.clone()).await?.into_inner();
+        jobs += page.jobs.len();
+        started += page
+            .jobs
+            .iter()
+            .map(|j| u64::from(j.counts.unwrap_or_default().started))
+            .sum::<u64>();
+        if page.next_cursor.is_empty() {
+            return Ok((jobs, started));
+        }
+        req.cursor = page.next_cursor;
+    }
+}
+
+fn job_spec(j: &berth_bench::Job) -> pb::JobSpec {
+    let (_, hard, soft) = MIX[j.class];
+    pb::JobSpec {
+        name: j.id.clone(),
+        r#type: pb::JobType::Batch as i32,
+        tasks: j.tasks as u32,
+        container: Some(pb::Container {
+            image: "docker.io/library/busybox:local".into(),
+            command: vec!["sleep".into(), "3600".into()],
+            resources: Some(j.resources.into()),
+            ..Default::default()
+        }),
+        constraints: Some(pb::Constraints {
+            hard: hard.iter().map(|s| s.to_string()).collect(),
+            soft: soft.iter().map(|s| s.to_string()).collect(),
+        }),
+        strategy: match j.strategy {
+            berth_scheduler::placement::Strategy::Spread => "spread".into(),
+            berth_scheduler::placement::Strategy::Binpack => "binpack".into(),
+        },
+        ..Default::default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let nodes = args.first().copied().unwrap_or(10_000);
+    let tasks = args.get(1).copied().unwrap_or(1_000_000);
+    let per_job = args.get(2).copied().unwrap_or(100).max(1);
+    let bin = std::env::var("BERTH_BIN").unwrap_or_else(|_| "target/release/berth".into());
+    let dir = std::env::temp_dir().join(format!("berth-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let data = dir.join("scheduler");
+
+    let mut sched = spawn_scheduler(&bin, &data, &addr)?;
+    let c = client(&addr).await?;
+    let cancel = CancellationToken::new();
+    let t = Instant::now();
+    let stats = berth_sim::run(
+        berth_sim::SimConfig {
+            scheduler: format!("http://{addr}"),
+            count: nodes,
+            zones: berth_bench::ZONES.iter().map(|z| z.to_string()).collect(),
+            ..Default::default()
+        },
+        cancel.clone(),
+    )
+    .await?;
+    while (stats.registered.load(Ordering::Relaxed) as usize) < nodes {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let registered = t.elapsed();
+
+    // Smaller tasks than bench 1, so that all of them fit: ~62% of the simulated CPUs.
+    let mut work = berth_bench::jobs(tasks.div_ceil(per_job), per_job, 2);
+    for (i, j) in work.iter_mut().enumerate() {
+        j.resources.cpu_millis = [100, 200, 300, 500][i % 4];
+        j.resources.memory_mib = [128, 256, 512, 1024][(i / 4) % 4];
+    }
+    let total: usize = work.iter().map(|j| j.tasks).sum();
+    println!(
+        "scale: {nodes} simulated nodes registered in {:.2}s; submitting {total} tasks in {} jobs of {per_job}",
+        registered.as_secs_f64(),
+        work.len()
+    );
+    let t0 = Instant::now();
+    let queue = Arc::new(tokio::sync::Mutex::new(work.into_iter()));
+    let mut submitters = Vec::new();
+    for _ in 0..32 {
+        let queue = queue.clone();
+        let mut c = c.clone();
+        submitters.push(tokio::spawn(async move {
+            loop {
+                let Some(j) = queue.lock().await.next() else {
+                    return Ok::<(), tonic::Status>(());
+                };
+                c.create_job(pb::CreateJobRequest {
+                    spec: Some(job_spec(&j)),
+                })
+                .await?;
+            }
+        }));
+    }
+    for s in submitters {
+        s.await??;
+    }
+    let submitted = t0.elapsed();
+    while (stats.started.load(Ordering::Relaxed) as usize) < total {
+        if t0.elapsed() > Duration::from_secs(900) {
+            return Err(format!(
+                "only {} of {total} tasks started after 900 s",
+                stats.started.load(Ordering::Relaxed)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agents_saw = t0.elapsed();
+    let mut c2 = c.clone();
+    let (jobs, started) = loop {
+        let (jobs, started) = list_all(&mut c2).await?;
+        if started as usize >= total {
+            break (jobs, started);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let all_started = t0.elapsed();
+    let pid = sched.id().unwrap_or(0);
+    let rss = rss_mib(pid);
+
+    // Restart: SIGKILL, then time until every job is listed again and every node is back.
+    sched.kill().await?;
+    let reg_before = stats.registered.load(Ordering::Relaxed) as usize;
+    let t1 = Instant::now();
+    let _sched2 = spawn_scheduler(&bin, &data, &addr)?;
+    let mut c3 = client(&addr).await?;
+    let (jobs_after, started_after) = list_all(&mut c3).await?;
+    let served = t1.elapsed();
+    while (stats.registered.load(Ordering::Relaxed) as usize) < reg_before + nodes {
+        if t1.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rejoined = t1.elapsed();
+    cancel.cancel();
+
+    table(
+        &["measure", "value", "goal"],
+        &[
+            vec![
+                "2. first submit -> all tasks Started (scheduler's counts)".into(),
+                format!("{:.1} s", all_started.as_secs_f64()),
+                "< 120 s".into(),
+            ],
+            vec![
+                "   of which: all CreateJob calls answered".into(),
+                format!("{:.1} s", submitted.as_secs_f64()),
+                String::new(),
+            ],
+            vec![
+                "   of which: every task reported Started by its agent".into(),
+                format!("{:.1} s", agents_saw.as_secs_f64()),
+                String::new(),
+            ],
+            vec![
+                "   tasks placed per second, end to end".into(),
+                format!("{:.0}", total as f64 / all_started.as_secs_f64()),
+                String::new(),
+            ],
+            vec![
+                format!("3. scheduler RSS with {nodes} nodes, {started} tasks, {jobs} jobs"),
+                format!("{rss} MiB"),
+                "< 2048 MiB".into(),
+            ],
+            vec![
+                "4. SIGKILL -> restart -> every job listed again".into(),
+                format!("{:.1} s", served.as_secs_f64()),
+                "< 10 s".into(),
+            ],
+            vec![
+                format!("   jobs / Started tasks after restart"),
+                format!("{jobs_after} / {started_after}"),
+                format!("{jobs} / {started}"),
+            ],
+            vec![
+                "   SIGKILL -> every simulated agent registered again".into(),
+                format!("{:.1} s", rejoined.as_secs_f64()),
+                String::new(),
+            ],
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
