@@ -52,7 +52,10 @@ impl AgentStore {
     /// Opens (or creates) `agent.redb` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("agent.redb");
-        let db = Database::create(&path).map_err(|source| StoreError::Open { path, source })?;
+        let db = redb::Builder::new()
+            .set_cache_size(4 << 20)
+            .create(&path)
+            .map_err(|source| StoreError::Open { path, source })?;
         let tx = db.begin_write().map_err(|e| io("init")(&e))?;
         tx.open_table(TASKS).map_err(|e| io("init")(&e))?;
         tx.commit().map_err(|e| io("init")(&e))?;

@@ -74,6 +74,16 @@ pub enum TaskCmd {
 pub enum NodeCmd {
     /// List nodes.
     Ls,
+    /// Place no new tasks on a node (its running tasks stay).
+    Cordon {
+        /// Node id.
+        node: String,
+    },
+    /// Place tasks on a cordoned node again.
+    Uncordon {
+        /// Node id.
+        node: String,
+    },
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -433,13 +443,26 @@ pub async fn node(cmd: NodeCmd, api: &str, fmt: Format) -> ExitCode {
                     table(&["NODE", "STATE", "CPU", "MEMORY", "GPUS", "TASKS", "LAST SEEN"], &rows);
                 }
                 f => output::structured(
-                    &json!(nodes.iter().map(|n| json!({"id": n.id, "row": output::node_row(n), "attributes": n.attributes})).collect::<Vec<_>>()),
+                    &json!(nodes.iter().map(|n| json!({"id": n.id, "row": output::node_row(n), "attributes": n.attributes, "cordoned": n.cordoned})).collect::<Vec<_>>()),
                     f,
                 ),
             }
             ExitCode::SUCCESS
         }
+        NodeCmd::Cordon { node } => cordon(&mut c, node, true).await,
+        NodeCmd::Uncordon { node } => cordon(&mut c, node, false).await,
     }
+}
+
+async fn cordon(
+    c: &mut pb::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    node_id: String,
+    cordon: bool,
+) -> ExitCode {
+    let node = rpc!(c.cordon_node(pb::CordonNodeRequest { node_id, cordon })).node;
+    let id = node.map(|n| n.id).unwrap_or_default();
+    println!("{id} {}", if cordon { "cordoned" } else { "uncordoned" });
+    ExitCode::SUCCESS
 }
 
 pub async fn logs(task: &str, follow: bool, api: &str) -> ExitCode {

@@ -132,9 +132,14 @@ pub fn node_row(n: &pb::Node) -> Vec<String> {
         pb::NodeState::Draining => "Draining",
         pb::NodeState::Unspecified => "Unknown",
     };
+    let state = if n.cordoned {
+        format!("{state},Cordoned")
+    } else {
+        state.to_string()
+    };
     vec![
         n.id.clone(),
-        state.to_string(),
+        state,
         format!(
             "{}/{}",
             format_cpu_millis(used.cpu_millis),

@@ -240,6 +240,18 @@ impl JobService for JobApi {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
+    async fn cordon_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::CordonNodeResponse>, Status> {
+        let r = req.into_inner();
+        let node = self
+            .cluster
+            .call(|reply| Command::CordonNode(r.node_id, r.cordon, reply))
+            .await?;
+        Ok(Response::new(pb::CordonNodeResponse { node: Some(node) }))
+    }
+
     type TaskLogsStream = BoxStream<pb::LogChunk>;
 
     async fn task_logs(

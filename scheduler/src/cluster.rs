@@ -84,6 +84,8 @@ pub enum Command {
     ListTasks(pb::ListTasksRequest, Reply<Vec<pb::Task>>),
     /// One task.
     GetTask(String, Reply<pb::Task>),
+    /// Cordon or uncordon a node.
+    CordonNode(String, bool, Reply<pb::Node>),
     /// All nodes.
     ListNodes(Reply<Vec<pb::Node>>),
     /// An agent opened its stream and registered.
@@ -196,6 +198,8 @@ struct Cluster {
     sched_epoch: u64,
     /// Jobs whose counts and state need recomputing before the next commit.
     stale_jobs: BTreeSet<String>,
+    /// The tasks holding resources on each node.
+    node_tasks: HashMap<String, BTreeSet<String>>,
 }
 
 /// Loads the store and starts the actor; it stops when `cancel` fires.
@@ -231,6 +235,7 @@ pub fn spawn(
         sched_dirty: true,
         sched_epoch: 0,
         stale_jobs: BTreeSet::new(),
+        node_tasks: HashMap::new(),
     };
     c.restore(snap);
     let (tx, mut rx) = mpsc::channel(1024);
@@ -325,6 +330,22 @@ fn valid_node_id(id: &str) -> bool {
 
 impl Cluster {
     fn restore(&mut self, snap: crate::store::Snapshot) {
+        for node_id in snap.cordoned {
+            // Known by its cordon until its agent registers.
+            self.nodes.insert(
+                node_id.clone(),
+                NodeEntry {
+                    info: pb::Node {
+                        id: node_id,
+                        state: pb::NodeState::Ready as i32,
+                        cordoned: true,
+                        ..Default::default()
+                    },
+                    conn: None,
+                    last_seen: Instant::now(),
+                },
+            );
+        }
         for job in snap.jobs {
             if job_is_active(&job)
                 && let Some(spec) = &job.spec
@@ -357,6 +378,10 @@ impl Cluster {
                         last_seen: now,
                     });
                 self.engine.allocate(&t.node_id, &t.job_id, &res);
+                self.node_tasks
+                    .entry(t.node_id.clone())
+                    .or_default()
+                    .insert(t.id.clone());
                 if let Some(job) = self.jobs.get(&t.job_id) {
                     self.groups.add(group_of(job), &res);
                 }
@@ -446,6 +471,10 @@ impl Cluster {
                     .cloned()
                     .ok_or(SchedulerError::NotFound { kind: "task", id });
                 let _ = reply.send(r);
+            }
+            Command::CordonNode(node_id, cordon, reply) => {
+                let r = self.cordon(&node_id, cordon);
+                self.finish(reply, r);
             }
             Command::ListNodes(reply) => {
                 let nodes = self
@@ -548,10 +577,11 @@ impl Cluster {
         }
         self.engine.set_schedulable(node_id, false);
         let ids: Vec<String> = self
-            .tasks
-            .values()
-            .filter(|t| t.node_id == node_id && state_of(t).is_some_and(|s| s.is_on_node()))
-            .map(|t| t.id.clone())
+            .node_tasks
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .cloned()
             .collect();
         for id in ids {
             let _ = self.transition(&id, TaskEvent::NodeLost, "node stopped sending heartbeats");
@@ -614,6 +644,7 @@ impl Cluster {
             let ev = match w {
                 Write::Job(j) => pb::watch_jobs_response::Event::Job(*j),
                 Write::Task(t) => pb::watch_jobs_response::Event::Task(*t),
+                Write::Cordon(..) => continue,
             };
             let _ = self.watch.send(pb::WatchJobsResponse { event: Some(ev) });
         }
@@ -982,6 +1013,9 @@ impl Cluster {
                 Effect::ReleaseResources => {
                     let res = job.map(task_resources).unwrap_or_default();
                     self.engine.release(&t.node_id, &t.job_id, &res);
+                    if let Some(set) = self.node_tasks.get_mut(&t.node_id) {
+                        set.remove(&t.id);
+                    }
                     if let Some(job) = job {
                         self.groups.sub(group_of(job), &res);
                     }
@@ -1298,6 +1332,10 @@ impl Cluster {
             self.groups.add(&group, &req);
             if let Some(t) = self.tasks.get_mut(task_id) {
                 t.node_id = node_id.clone();
+                self.node_tasks
+                    .entry(node_id.clone())
+                    .or_default()
+                    .insert(task_id.clone());
             }
             let _ = self.transition(task_id, TaskEvent::Placed, "");
             debug!(task_id, node_id, "Task placed.");
@@ -1317,6 +1355,26 @@ impl Cluster {
             self.preempt(job_id, &group, plan);
         }
         nodes.len()
+    }
+
+    /// Records the cordon durably and takes the node out of (or back into) placement.
+    fn cordon(&mut self, node_id: &str, cordon: bool) -> Result<pb::Node, SchedulerError> {
+        let Some(n) = self.nodes.get_mut(node_id) else {
+            return Err(SchedulerError::NotFound {
+                kind: "node",
+                id: node_id.to_string(),
+            });
+        };
+        if n.info.cordoned != cordon {
+            self.store
+                .commit(&[Write::Cordon(node_id.to_string(), cordon)])?;
+            n.info.cordoned = cordon;
+            info!(node_id, cordon, "Node cordon changed.");
+        }
+        let ready = n.conn.is_some() && n.info.state == pb::NodeState::Ready as i32;
+        let info = n.info.clone();
+        self.engine.set_schedulable(node_id, ready && !cordon);
+        Ok(info)
     }
 
     fn end_reservation(&mut self, job_id: &str) {
@@ -1460,6 +1518,7 @@ impl Cluster {
             attributes: reg.attributes.clone(),
             log_address: reg.log_address.clone(),
             last_seen_unix_ms: now_unix_ms(),
+            cordoned: entry.info.cordoned,
             ..Default::default()
         };
         entry.conn = Some(AgentConn { id: conn_id, tx });
@@ -1473,11 +1532,12 @@ impl Cluster {
             self.apply_status(&node_id, status);
         }
         let missing: Vec<String> = self
-            .tasks
-            .values()
-            .filter(|t| t.node_id == node_id && state_of(t).is_some_and(|s| s.is_on_node()))
-            .filter(|t| !reported.contains(&t.id))
-            .map(|t| t.id.clone())
+            .node_tasks
+            .get(&node_id)
+            .into_iter()
+            .flatten()
+            .filter(|id| !reported.contains(*id))
+            .cloned()
             .collect();
         for id in missing {
             let _ = self.transition(
@@ -1486,11 +1546,15 @@ impl Cluster {
                 "agent restarted without this task",
             );
         }
+        let cordoned = self.nodes.get(&node_id).is_some_and(|n| n.info.cordoned);
         self.engine.upsert_node(NodeSpec {
-            id: node_id,
+            id: node_id.clone(),
             capacity,
             attributes: reg.attributes,
         });
+        if cordoned {
+            self.engine.set_schedulable(&node_id, false);
+        }
         Ok(())
     }
 

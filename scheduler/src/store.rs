@@ -11,6 +11,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const CORDONS: TableDefinition<&str, &[u8]> = TableDefinition::new("cordons");
+/// redb's page cache (its default is 1 GiB).
+const CACHE_BYTES: usize = 64 << 20;
 
 /// A failure of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub enum Write {
     Job(Box<pb::Job>),
     /// Insert or replace a task.
     Task(Box<pb::Task>),
+    /// Cordon (true) or uncordon (false) a node.
+    Cordon(String, bool),
 }
 
 /// Everything the store holds, as loaded at start.
@@ -66,6 +71,8 @@ pub struct Snapshot {
     pub jobs: Vec<pb::Job>,
     /// All tasks.
     pub tasks: Vec<pb::Task>,
+    /// Cordoned nodes.
+    pub cordoned: Vec<String>,
 }
 
 /// The embedded store: one redb file under the scheduler's data dir.
@@ -82,13 +89,18 @@ pub enum Store {
 impl Store {
     /// Opens (or creates) the embedded store at `path`.
     pub fn open_redb(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // Every record also lives in memory, decoded; a large page cache would hold it twice.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let tx = db.begin_write().map_err(|e| io("begin")(&e))?;
         tx.open_table(JOBS).map_err(|e| io("create table")(&e))?;
         tx.open_table(TASKS).map_err(|e| io("create table")(&e))?;
+        tx.open_table(CORDONS).map_err(|e| io("create table")(&e))?;
         tx.commit().map_err(|e| io("commit")(&e))?;
         Ok(Store::Redb(RedbStore { db }))
     }
@@ -97,9 +109,16 @@ impl Store {
     pub fn load(&self) -> Result<Snapshot, StoreError> {
         let Store::Redb(s) = self;
         let tx = s.db.begin_read().map_err(|e| io("begin read")(&e))?;
+        let cordons = tx.open_table(CORDONS).map_err(|e| io("open cordons")(&e))?;
+        let mut cordoned = Vec::new();
+        for row in cordons.iter().map_err(|e| io("read cordons")(&e))? {
+            let (k, _) = row.map_err(|e| io("read cordons")(&e))?;
+            cordoned.push(k.value().to_string());
+        }
         Ok(Snapshot {
             jobs: scan(&tx, JOBS, "job")?,
             tasks: scan(&tx, TASKS, "task")?,
+            cordoned,
         })
     }
 
@@ -113,6 +132,7 @@ impl Store {
         {
             let mut jobs = tx.open_table(JOBS).map_err(|e| io("open jobs")(&e))?;
             let mut tasks = tx.open_table(TASKS).map_err(|e| io("open tasks")(&e))?;
+            let mut cordons = tx.open_table(CORDONS).map_err(|e| io("open cordons")(&e))?;
             for w in writes {
                 match w {
                     Write::Job(j) => {
@@ -123,6 +143,16 @@ impl Store {
                         tasks
                             .insert(t.id.as_str(), t.encode_to_vec().as_slice())
                             .map_err(|e| io("write task")(&e))?;
+                    }
+                    Write::Cordon(node, true) => {
+                        cordons
+                            .insert(node.as_str(), [].as_slice())
+                            .map_err(|e| io("write cordon")(&e))?;
+                    }
+                    Write::Cordon(node, false) => {
+                        cordons
+                            .remove(node.as_str())
+                            .map_err(|e| io("write cordon")(&e))?;
                     }
                 }
             }

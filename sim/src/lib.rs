@@ -16,7 +16,7 @@ use berth_model::resources::Resources;
 use berth_proto as pb;
 use pb::agent_message::Msg;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
@@ -164,7 +164,8 @@ impl SimNode {
 
     /// One stream's life; Ok when cancelled, Err when the stream broke.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ()> {
-        let (out, rx) = mpsc::channel(1024);
+        // Unbounded, so that sending never stops this loop from reading its orders.
+        let (out, rx) = mpsc::unbounded_channel();
         let register = pb::Register {
             node_id: self.id.clone(),
             capacity: Some(self.capacity.into()),
@@ -175,10 +176,9 @@ impl SimNode {
         out.send(pb::AgentMessage {
             msg: Some(Msg::Register(register)),
         })
-        .await
         .map_err(|_| ())?;
         let mut inbound = pb::agent_service_client::AgentServiceClient::new(self.channel.clone())
-            .connect(ReceiverStream::new(rx))
+            .connect(UnboundedReceiverStream::new(rx))
             .await
             .map_err(|_| ())?
             .into_inner();
@@ -193,7 +193,7 @@ impl SimNode {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = heartbeat.tick() => {
                     let hb = pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat::default())) };
-                    out.send(hb).await.map_err(|_| ())?;
+                    out.send(hb).map_err(|_| ())?;
                 }
                 _ = tokio::time::sleep_until(next_end.unwrap_or_else(far)), if next_end.is_some() => {
                     let due = next_end.and_then(|at| ends.remove(&at)).unwrap_or_default();
@@ -202,7 +202,7 @@ impl SimNode {
                             let s = status(&id, pb::TaskState::Finished, pb::FinishReason::Normal);
                             self.tasks.remove(&id);
                             self.stats.finished.fetch_add(1, Ordering::Relaxed);
-                            out.send(pb::AgentMessage { msg: Some(Msg::Status(s)) }).await.map_err(|_| ())?;
+                            out.send(pb::AgentMessage { msg: Some(Msg::Status(s)) }).map_err(|_| ())?;
                         }
                     }
                 }
@@ -224,13 +224,13 @@ impl SimNode {
                             if let Some(rt) = self.runtime {
                                 ends.entry(tokio::time::Instant::now() + rt).or_default().push(a.task_id);
                             }
-                            out.send(pb::AgentMessage { msg: Some(Msg::Status(s)) }).await.map_err(|_| ())?;
+                            out.send(pb::AgentMessage { msg: Some(Msg::Status(s)) }).map_err(|_| ())?;
                         }
                         pb::scheduler_message::Msg::Kill(k) => {
                             self.tasks.remove(&k.task_id);
                             self.stats.finished.fetch_add(1, Ordering::Relaxed);
                             let s = status(&k.task_id, pb::TaskState::Finished, pb::FinishReason::Killed);
-                            out.send(pb::AgentMessage { msg: Some(Msg::Status(s)) }).await.map_err(|_| ())?;
+                            out.send(pb::AgentMessage { msg: Some(Msg::Status(s)) }).map_err(|_| ())?;
                         }
                     }
                 }

@@ -1,6 +1,7 @@
-//! Capacity groups through the real scheduler: quotas, fair order across groups, and
-//! preemption of flex tasks for critical ones. Nodes are simulated agents (`berth-sim`)
-//! speaking the real agent protocol; no containers are needed to test placement decisions.
+//! Placement policy through the real scheduler: capacity group quotas, fair order across
+//! groups, preemption of flex tasks for critical ones, and cordons. Nodes are simulated agents
+//! (`berth-sim`) speaking the real agent protocol; no containers are needed to test placement
+//! decisions.
 
 // Test helpers outside #[test] fns unwrap like the tests do.
 #![allow(clippy::unwrap_used)]
@@ -212,6 +213,89 @@ async fn a_critical_task_preempts_the_flex_tasks_that_lose_least_work() {
         4,
         "the older work was kept"
     );
+    sim.cancel();
+    sched.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_node_takes_no_new_tasks_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = scheduler(dir.path(), vec![]).await;
+    let sim = nodes(&sched, 1).await;
+    let mut c = sched.client().await;
+    let running = create(&mut c, job("before", "", 1, 100)).await;
+    wait_until(&mut c, &running.id, LIMIT, |_, t| {
+        is_state(&t[0], pb::TaskState::Started)
+    })
+    .await;
+    let err = c
+        .cordon_node(pb::CordonNodeRequest {
+            node_id: "nope".into(),
+            cordon: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let node = c
+        .cordon_node(pb::CordonNodeRequest {
+            node_id: "sim-00000".into(),
+            cordon: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert!(node.cordoned);
+    let j = create(&mut c, job("after", "", 1, 100)).await;
+    let (_, t) = wait_until(&mut c, &j.id, LIMIT, |_, t| !t[0].pending_reason.is_empty()).await;
+    assert_eq!(t[0].pending_reason, "1 node: not ready");
+
+    // The cordon is stored: a restarted scheduler keeps it.
+    let (addr, data) = (sched.addr, sched.data.clone());
+    sched.stop().await;
+    let cfg = ClusterConfig {
+        heartbeat_interval: Duration::from_millis(300),
+        heartbeat_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let sched = Scheduler::start_at(&data, cfg, addr).await;
+    let mut c = sched.client().await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let nodes = c
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        let n = nodes.iter().find(|n| n.id == "sim-00000").unwrap();
+        assert!(n.cordoned);
+        if n.tasks == 1 && n.state == pb::NodeState::Ready as i32 && n.last_seen_unix_ms > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{nodes:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, t) = get(&mut c, &j.id).await;
+    assert!(is_state(&t[0], pb::TaskState::Accepted), "{t:#?}");
+    let (_, r) = get(&mut c, &running.id).await;
+    assert!(
+        is_state(&r[0], pb::TaskState::Started),
+        "running tasks stay"
+    );
+
+    c.cordon_node(pb::CordonNodeRequest {
+        node_id: "sim-00000".into(),
+        cordon: false,
+    })
+    .await
+    .unwrap();
+    wait_until(&mut c, &j.id, LIMIT, |_, t| {
+        is_state(&t[0], pb::TaskState::Started)
+    })
+    .await;
     sim.cancel();
     sched.stop().await;
 }

