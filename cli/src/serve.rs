@@ -57,6 +57,9 @@ pub struct SchedulerArgs {
     /// binpack (most-allocated first) or spread [default: binpack].
     #[arg(long)]
     strategy: Option<String>,
+    /// Place by a linear first-fit scan: the reference for benchmarks only.
+    #[arg(long, hide = true)]
+    first_fit_reference: bool,
 }
 
 #[derive(clap::Args)]
@@ -304,6 +307,7 @@ pub async fn scheduler(a: SchedulerArgs) -> ExitCode {
         heartbeat_timeout: timeout,
         strategy,
         groups,
+        first_fit: a.first_fit_reference,
         limits,
     };
     let (handle, actor) = match start_cluster(&data_dir, cfg, cancel.clone()).await {

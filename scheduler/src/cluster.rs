@@ -46,6 +46,9 @@ pub struct ClusterConfig {
     pub strategy: Strategy,
     /// Capacity groups (quotas and tiers); the default group is added if absent.
     pub groups: Vec<CapacityGroup>,
+    /// Place by linear first-fit scan instead of the indexed engine: a reference for
+    /// benchmarks, never for production.
+    pub first_fit: bool,
     /// Limits every job spec is checked against.
     pub limits: Limits,
 }
@@ -57,6 +60,7 @@ impl Default for ClusterConfig {
             heartbeat_timeout: Duration::from_secs(10),
             strategy: Strategy::Binpack,
             groups: Vec::new(),
+            first_fit: false,
             limits: Limits::default(),
         }
     }
@@ -1314,10 +1318,23 @@ impl Cluster {
             constraints,
             strategy,
         };
-        let (nodes, no_room) = if allowed > 0 {
-            self.engine.place_job(&request, allowed)
-        } else {
+        let (nodes, no_room) = if allowed == 0 {
             (Vec::new(), None)
+        } else if self.cfg.first_fit {
+            let mut placed = Vec::new();
+            let mut why = None;
+            for _ in 0..allowed {
+                match crate::placement::first_fit(&mut self.engine, &request) {
+                    Some(node) => placed.push(node),
+                    None => {
+                        why = Some(self.engine.explain(&request));
+                        break;
+                    }
+                }
+            }
+            (placed, why)
+        } else {
+            self.engine.place_job(&request, allowed)
         };
         let plan = match &no_room {
             Some(_) if self.groups.tier(&group) == Tier::Critical => {

@@ -23,9 +23,19 @@ use tonic::transport::Channel;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-fn spawn_scheduler(bin: &str, data: &std::path::Path, addr: &str) -> Result<Child, Error> {
-    Ok(Command::new(bin)
-        .args(["scheduler", "--listen", addr, "--heartbeat-interval", "5s"])
+fn spawn_scheduler(
+    bin: &str,
+    data: &std::path::Path,
+    addr: &str,
+    reference: bool,
+) -> Result<Child, Error> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("scheduler");
+    if reference {
+        cmd.arg("--first-fit-reference");
+    }
+    Ok(cmd
+        .args(["--listen", addr, "--heartbeat-interval", "5s"])
         .args(["--heartbeat-timeout", "120s", "--data-dir"])
         .arg(data)
         .env("BERTH_LOG", "error")
@@ -116,16 +126,28 @@ fn job_spec(j: &berth_bench::Job) -> pb::JobSpec {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let nodes = args.first().copied().unwrap_or(10_000);
-    let tasks = args.get(1).copied().unwrap_or(1_000_000);
-    let per_job = args.get(2).copied().unwrap_or(100).max(1);
-    let bin = std::env::var("BERTH_BIN").unwrap_or_else(|_| "target/release/berth".into());
+/// One run's figures.
+struct Figures {
+    all_started: Duration,
+    submitted: Duration,
+    agents_saw: Duration,
+    total: usize,
+    jobs: usize,
+    started: u64,
+    rss: u64,
+    served: Duration,
+    jobs_after: usize,
+    started_after: u64,
+    rejoined: Duration,
+}
+
+async fn measure(
+    bin: &str,
+    nodes: usize,
+    tasks: usize,
+    per_job: usize,
+    reference: bool,
+) -> Result<Figures, Error> {
     let dir = std::env::temp_dir().join(format!("berth-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -134,7 +156,7 @@ async fn main() -> Result<(), Error> {
     let addr = format!("127.0.0.1:{port}");
     let data = dir.join("scheduler");
 
-    let mut sched = spawn_scheduler(&bin, &data, &addr)?;
+    let mut sched = spawn_scheduler(bin, &data, &addr, reference)?;
     let c = client(&addr).await?;
     let cancel = CancellationToken::new();
     let t = Instant::now();
@@ -218,9 +240,9 @@ async fn main() -> Result<(), Error> {
             }
             last_count = now;
         }
-        if t0.elapsed() > Duration::from_secs(900) {
+        if t0.elapsed() > Duration::from_secs(1800) {
             return Err(format!(
-                "only {} of {total} tasks started after 900 s",
+                "only {} of {total} tasks started after 1800 s",
                 stats.started.load(Ordering::Relaxed)
             )
             .into());
@@ -244,7 +266,7 @@ async fn main() -> Result<(), Error> {
     sched.kill().await?;
     let reg_before = stats.registered.load(Ordering::Relaxed) as usize;
     let t1 = Instant::now();
-    let _sched2 = spawn_scheduler(&bin, &data, &addr)?;
+    let mut sched2 = spawn_scheduler(bin, &data, &addr, reference)?;
     let mut c3 = client(&addr).await?;
     let (jobs_after, started_after) = list_all(&mut c3).await?;
     let served = t1.elapsed();
@@ -256,52 +278,111 @@ async fn main() -> Result<(), Error> {
     }
     let rejoined = t1.elapsed();
     cancel.cancel();
+    sched2.kill().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Figures {
+        all_started,
+        submitted,
+        agents_saw,
+        total,
+        jobs,
+        started,
+        rss,
+        served,
+        jobs_after,
+        started_after,
+        rejoined,
+    })
+}
 
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let nodes = args.first().copied().unwrap_or(10_000);
+    let tasks = args.get(1).copied().unwrap_or(1_000_000);
+    let per_job = args.get(2).copied().unwrap_or(100).max(1);
+    let bin = std::env::var("BERTH_BIN").unwrap_or_else(|_| "target/release/berth".into());
+    let with_reference = std::env::var("BERTH_SCALE_REFERENCE").as_deref() != Ok("0");
+    let f = measure(&bin, nodes, tasks, per_job, false).await?;
+    let r = if with_reference {
+        println!("reference run: the same, placing by first-fit linear scan");
+        Some(measure(&bin, nodes, tasks, per_job, true).await?)
+    } else {
+        None
+    };
+    let secs = |d: Duration| format!("{:.1} s", d.as_secs_f64());
+    let refd = |g: &dyn Fn(&Figures) -> String| r.as_ref().map_or("-".to_string(), g);
+    let ratio = |a: Duration, g: &dyn Fn(&Figures) -> Duration| {
+        r.as_ref().map_or("-".to_string(), |r| {
+            format!("{:.2}x", a.as_secs_f64() / g(r).as_secs_f64().max(1e-9))
+        })
+    };
     table(
-        &["measure", "value", "goal"],
+        &["measure", "indexed", "first-fit reference", "ratio", "goal"],
         &[
             vec![
                 "2. first submit -> all tasks Started (scheduler's counts)".into(),
-                format!("{:.1} s", all_started.as_secs_f64()),
+                secs(f.all_started),
+                refd(&|r| secs(r.all_started)),
+                ratio(f.all_started, &|r| r.all_started),
                 "< 120 s".into(),
             ],
             vec![
-                "   of which: all CreateJob calls answered".into(),
-                format!("{:.1} s", submitted.as_secs_f64()),
+                "   all CreateJob calls answered".into(),
+                secs(f.submitted),
+                refd(&|r| secs(r.submitted)),
+                ratio(f.submitted, &|r| r.submitted),
                 String::new(),
             ],
             vec![
-                "   of which: every task reported Started by its agent".into(),
-                format!("{:.1} s", agents_saw.as_secs_f64()),
+                "   every task reported Started by its agent".into(),
+                secs(f.agents_saw),
+                refd(&|r| secs(r.agents_saw)),
+                ratio(f.agents_saw, &|r| r.agents_saw),
                 String::new(),
             ],
             vec![
                 "   tasks placed per second, end to end".into(),
-                format!("{:.0}", total as f64 / all_started.as_secs_f64()),
+                format!("{:.0}", f.total as f64 / f.all_started.as_secs_f64()),
+                refd(&|r| format!("{:.0}", r.total as f64 / r.all_started.as_secs_f64())),
+                String::new(),
                 String::new(),
             ],
             vec![
-                format!("3. scheduler RSS with {nodes} nodes, {started} tasks, {jobs} jobs"),
-                format!("{rss} MiB"),
+                format!(
+                    "3. scheduler RSS, {nodes} nodes, {} tasks, {} jobs",
+                    f.started, f.jobs
+                ),
+                format!("{} MiB", f.rss),
+                refd(&|r| format!("{} MiB", r.rss)),
+                String::new(),
                 "< 2048 MiB".into(),
             ],
             vec![
                 "4. SIGKILL -> restart -> every job listed again".into(),
-                format!("{:.1} s", served.as_secs_f64()),
+                secs(f.served),
+                refd(&|r| secs(r.served)),
+                ratio(f.served, &|r| r.served),
                 "< 10 s".into(),
             ],
             vec![
-                format!("   jobs / Started tasks after restart"),
-                format!("{jobs_after} / {started_after}"),
-                format!("{jobs} / {started}"),
+                "   jobs / Started tasks after restart".into(),
+                format!("{} / {}", f.jobs_after, f.started_after),
+                refd(&|r| format!("{} / {}", r.jobs_after, r.started_after)),
+                String::new(),
+                format!("{} / {}", f.jobs, f.started),
             ],
             vec![
                 "   SIGKILL -> every simulated agent registered again".into(),
-                format!("{:.1} s", rejoined.as_secs_f64()),
+                secs(f.rejoined),
+                refd(&|r| secs(r.rejoined)),
+                ratio(f.rejoined, &|r| r.rejoined),
                 String::new(),
             ],
         ],
     );
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
