@@ -86,6 +86,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Load generation against a scheduler.
+    Sim {
+        #[command(subcommand)]
+        cmd: SimCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCmd {
+    /// Simulated agents: real agent protocol, no containers; tasks report Started at once.
+    Agents {
+        /// How many nodes.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Scheduler address.
+        #[arg(long, env = "BERTH_API", default_value = "127.0.0.1:7700")]
+        scheduler: String,
+        /// Node id prefix.
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
+        /// Zones, comma-separated, assigned round robin.
+        #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
+        zones: Vec<String>,
+        /// Report tasks finished this long after they start (e.g. 30s); default: never.
+        #[arg(long)]
+        task_runtime: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,6 +141,66 @@ fn init_tracing() {
         .init();
 }
 
+async fn sim_agents(
+    count: usize,
+    scheduler: String,
+    prefix: String,
+    zones: Vec<String>,
+    task_runtime: Option<String>,
+) -> ExitCode {
+    let task_runtime = match task_runtime
+        .as_deref()
+        .map(berth_model::quantity::parse_duration)
+        .transpose()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("berth: --task-runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let scheduler = if scheduler.contains("://") {
+        scheduler
+    } else {
+        format!("http://{scheduler}")
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let cfg = berth_sim::SimConfig {
+        scheduler,
+        count,
+        prefix,
+        zones,
+        capacity: None,
+        task_runtime,
+        streams_per_connection: 100,
+    };
+    let stats = match berth_sim::run(cfg, cancel.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("berth: cannot reach the scheduler: {e}");
+            return ExitCode::from(69);
+        }
+    };
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = every.tick() => {
+                use std::sync::atomic::Ordering::Relaxed;
+                println!(
+                    "{count} nodes: {} registrations, {} tasks started, {} finished, {} reconnects",
+                    stats.registered.load(Relaxed),
+                    stats.started.load(Relaxed),
+                    stats.finished.load(Relaxed),
+                    stats.reconnects.load(Relaxed),
+                );
+            }
+        }
+    }
+    cancel.cancel();
+    ExitCode::SUCCESS
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -134,6 +221,16 @@ async fn main() -> ExitCode {
         Cmd::Task { cmd, api } => client::task(cmd, &api.api, api.output).await,
         Cmd::Node { cmd, api } => client::node(cmd, &api.api, api.output).await,
         Cmd::Logs { task, follow, api } => client::logs(&task, follow, &api.api).await,
+        Cmd::Sim {
+            cmd:
+                SimCmd::Agents {
+                    count,
+                    scheduler,
+                    prefix,
+                    zones,
+                    task_runtime,
+                },
+        } => sim_agents(count, scheduler, prefix, zones, task_runtime).await,
         Cmd::Image {
             cmd:
                 ImageCmd::Import {
