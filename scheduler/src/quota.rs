@@ -244,6 +244,50 @@ mod tests {
         assert_eq!(g.names(), ["default", "web"]);
     }
 
+    proptest::proptest! {
+        /// Whatever the quota and the sequence of requests and releases, taking what `room`
+        /// allows never puts a group over its quota, and `room` never refuses what fits.
+        #[test]
+        fn room_never_lets_a_group_over_its_quota(
+            cpu_quota in 1u32..20_000,
+            mem_quota in proptest::option::of(1u64..20_000),
+            steps in proptest::collection::vec((1u32..3000, 1u64..3000, 0usize..20, proptest::bool::ANY), 1..40),
+        ) {
+            let mut g = Groups::new(&[CapacityGroup {
+                name: "g".into(),
+                tier: Tier::Flex,
+                cpu_millis: Some(cpu_quota),
+                memory_mib: mem_quota,
+                gpus: None,
+            }]);
+            let mut held: Vec<Resources> = Vec::new();
+            for (cpu, mem, want, release) in steps {
+                if release && let Some(r) = held.pop() {
+                    g.sub("g", &r);
+                }
+                let r = res(cpu, mem);
+                let (n, why) = g.room("g", &r, want);
+                proptest::prop_assert!(n <= want);
+                for _ in 0..n {
+                    g.add("g", &r);
+                    held.push(r);
+                }
+                let used = g.usage("g");
+                proptest::prop_assert!(used.cpu_millis <= cpu_quota);
+                if let Some(m) = mem_quota {
+                    proptest::prop_assert!(used.memory_mib <= m);
+                }
+                if n < want {
+                    // Refused only because one more would go over.
+                    proptest::prop_assert!(why.is_some());
+                    let over_cpu = used.cpu_millis + cpu > cpu_quota;
+                    let over_mem = mem_quota.is_some_and(|m| used.memory_mib + mem > m);
+                    proptest::prop_assert!(over_cpu || over_mem);
+                }
+            }
+        }
+    }
+
     #[test]
     fn dominant_share_is_the_largest_fraction() {
         let mut g = Groups::new(&[]);
