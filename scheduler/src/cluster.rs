@@ -600,24 +600,32 @@ impl Cluster {
         if self.dirty_jobs.is_empty() && self.dirty_tasks.is_empty() && self.outbox.is_empty() {
             return Ok(());
         }
-        let mut writes = Vec::with_capacity(self.dirty_jobs.len() + self.dirty_tasks.len());
-        for id in &self.dirty_tasks {
-            if let Some(t) = self.tasks.get(id) {
-                writes.push(Write::Task(Box::new(t.clone())));
-            }
-        }
-        for id in &self.dirty_jobs {
-            if let Some(j) = self.jobs.get(id) {
-                writes.push(Write::Job(Box::new(j.clone())));
-            }
-        }
-        if let Err(e) = self.store.commit(&writes) {
+        // Encoded straight from memory: no copy of a batch's records is made unless someone
+        // watches.
+        let tasks: Vec<&pb::Task> = self
+            .dirty_tasks
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .collect();
+        let jobs: Vec<&pb::Job> = self
+            .dirty_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .collect();
+        if let Err(e) = self.store.commit_records(&jobs, &tasks) {
             // Memory is ahead of the store; the changes stay dirty and are retried on the next
             // flush. Orders to agents wait too, so nothing acts on unstored state.
             error!(error = %e, "Cannot commit cluster state; will retry.");
             return Err(e.into());
         }
-        self.announce(writes);
+        if self.watch.receiver_count() > 0 {
+            let writes = tasks
+                .iter()
+                .map(|t| Write::Task(Box::new((*t).clone())))
+                .chain(jobs.iter().map(|j| Write::Job(Box::new((*j).clone()))))
+                .collect();
+            self.announce(writes);
+        }
         self.dirty_jobs.clear();
         self.dirty_tasks.clear();
         for (node_id, msg) in std::mem::take(&mut self.outbox) {

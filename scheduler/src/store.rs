@@ -122,6 +122,36 @@ impl Store {
         })
     }
 
+    /// Writes these jobs and tasks atomically and durably, encoding them in place.
+    pub fn commit_records(&self, jobs: &[&pb::Job], tasks: &[&pb::Task]) -> Result<(), StoreError> {
+        if jobs.is_empty() && tasks.is_empty() {
+            return Ok(());
+        }
+        let Store::Redb(s) = self;
+        let tx = s.db.begin_write().map_err(|e| io("begin write")(&e))?;
+        {
+            let mut buf = Vec::with_capacity(1024);
+            let mut job_table = tx.open_table(JOBS).map_err(|e| io("open jobs")(&e))?;
+            for j in jobs {
+                buf.clear();
+                j.encode(&mut buf).map_err(|e| io("encode job")(&e))?;
+                job_table
+                    .insert(j.id.as_str(), buf.as_slice())
+                    .map_err(|e| io("write job")(&e))?;
+            }
+            let mut task_table = tx.open_table(TASKS).map_err(|e| io("open tasks")(&e))?;
+            for t in tasks {
+                buf.clear();
+                t.encode(&mut buf).map_err(|e| io("encode task")(&e))?;
+                task_table
+                    .insert(t.id.as_str(), buf.as_slice())
+                    .map_err(|e| io("write task")(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| io("commit")(&e))?;
+        Ok(())
+    }
+
     /// Writes a batch atomically and durably.
     pub fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
         if writes.is_empty() {
