@@ -114,6 +114,18 @@ pub fn jobs(count: usize, tasks_per_job: usize, seed: u64) -> Vec<Job> {
         .collect()
 }
 
+/// Resident memory in MiB of a process (`"self"` or a pid), from /proc; 0 if unreadable.
+pub fn rss_mib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 /// The `p`th percentile (0-100) of sorted values.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {

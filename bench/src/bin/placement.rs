@@ -73,17 +73,6 @@ fn run(
     }
 }
 
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
-}
-
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -100,7 +89,7 @@ fn main() {
         work.len()
     );
     let indexed = run(&cluster, &work, false);
-    let rss = rss_mib();
+    let rss = berth_bench::rss_mib("self");
     let naive = run(&cluster, &work, true);
     let row = |name: &str, r: &Run| {
         vec![

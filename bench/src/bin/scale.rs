@@ -60,17 +60,6 @@ async fn client(addr: &str) -> Result<JobServiceClient<Channel>, Error> {
     }
 }
 
-fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
-}
-
 /// Every job, page by page; with the sum of Started tasks.
 async fn list_all(c: &mut JobServiceClient<Channel>) -> Result<(usize, u64), Error> {
     let mut req = pb::ListJobsRequest {
@@ -260,7 +249,7 @@ async fn measure(
     };
     let all_started = t0.elapsed();
     let pid = sched.id().unwrap_or(0);
-    let rss = rss_mib(pid);
+    let rss = berth_bench::rss_mib(&pid.to_string());
 
     // Restart: SIGKILL, then time until every job is listed again and every node is back.
     sched.kill().await?;
