@@ -1240,7 +1240,6 @@ impl Cluster {
                 .push_back((job_id, ids));
         }
         let total = self.engine.total_capacity();
-        let mut touched = BTreeSet::new();
         loop {
             let next = queues
                 .keys()
@@ -1268,10 +1267,8 @@ impl Cluster {
             // Alone, a group places whole jobs; competing, one task per turn, so that shares
             // stay even.
             let limit = if queues.len() == 1 { task_ids.len() } else { 1 };
+            // Placements mark their jobs stale; `flush` recounts each once.
             let placed = self.place_tasks(&job_id, &task_ids, limit);
-            if placed > 0 {
-                touched.insert(job_id.clone());
-            }
             let Some(queue) = queues.get_mut(&group) else {
                 break;
             };
@@ -1281,10 +1278,6 @@ impl Cluster {
             if queue.is_empty() {
                 queues.remove(&group);
             }
-        }
-        // Once per job, not per task: a job's counts cost a pass over its tasks.
-        for job_id in touched {
-            self.refresh_job(&job_id);
         }
     }
 

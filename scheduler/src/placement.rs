@@ -365,14 +365,7 @@ impl Engine {
 
     /// The best node for one task of `req`, without recording it.
     pub fn choose(&mut self, req: &Request<'_>) -> Option<Slot> {
-        if req
-            .constraints
-            .hard_has(|c| matches!(c, Constraint::ExclusiveHost))
-        {
-            // Remember, so that every later allocation of the job claims its node.
-            let j = self.job(req.job_id);
-            self.job_use.entry(j).or_default().exclusive = true;
-        }
+        self.note_exclusive(req);
         let ctx = Ctx::new(self, req);
         let mut best: Option<(f64, Slot)> = None;
         let mut feasible = 0;
@@ -530,6 +523,18 @@ impl Engine {
         self.job_ix.insert(id.to_string(), ix);
         self.job_name.insert(ix, id.to_string());
         ix
+    }
+
+    /// For an `exclusive_host` job, remembers it so that every later allocation of the job
+    /// claims its node.
+    fn note_exclusive(&mut self, req: &Request<'_>) {
+        if req
+            .constraints
+            .hard_has(|c| matches!(c, Constraint::ExclusiveHost))
+        {
+            let j = self.job(req.job_id);
+            self.job_use.entry(j).or_default().exclusive = true;
+        }
     }
 
     fn forget_job(&mut self, job: JobIx) {
@@ -839,13 +844,7 @@ impl<'a> Ctx<'a> {
 /// The reference placement for benchmarks: first fit by a linear scan over every node, with
 /// the same constraint checks.
 pub fn first_fit(e: &mut Engine, req: &Request<'_>) -> Option<String> {
-    if req
-        .constraints
-        .hard_has(|c| matches!(c, Constraint::ExclusiveHost))
-    {
-        let j = e.job(req.job_id);
-        e.job_use.entry(j).or_default().exclusive = true;
-    }
+    e.note_exclusive(req);
     let ctx = Ctx::new(e, req);
     let slot = e
         .nodes
