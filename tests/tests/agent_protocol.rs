@@ -218,12 +218,7 @@ async fn a_malicious_agent_cannot_corrupt_scheduler_state() {
     assert!(is_state(&tasks[0], pb::TaskState::Started));
     assert_eq!(tasks[0].node_id, "good");
     assert!(tasks[0].usage.is_none_or(|u| u.cpu_nanos != u64::MAX));
-    let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut c).await;
     let good_node = nodes.iter().find(|n| n.id == "good").unwrap();
     assert_eq!(
         good_node.capacity.unwrap().cpu_millis,

@@ -814,18 +814,8 @@ async fn restarts_of_agent_and_scheduler_keep_the_running_task() {
     sched.stop().await;
     let sched = Scheduler::start_at(&sdata, fast(), addr).await;
     let mut c = sched.client().await;
-    let nodes = |c: &mut pb::job_service_client::JobServiceClient<tonic::transport::Channel>| {
-        let mut c = c.clone();
-        async move {
-            c.list_nodes(pb::ListNodesRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .nodes
-        }
-    };
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while !nodes(&mut c)
+    while !list_nodes(&mut c)
         .await
         .iter()
         .any(|n| n.capacity.is_some_and(|r| r.cpu_millis > 0))
@@ -1152,12 +1142,7 @@ async fn draining_agent_stops_its_tasks_gracefully_and_they_move() {
         rt.berth_containers().await.unwrap().is_empty(),
         "the drained node kept containers"
     );
-    let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut c).await;
     let node_a = nodes.iter().find(|n| n.id == "node-a").unwrap();
     assert_eq!(node_a.state, pb::NodeState::Draining as i32);
 

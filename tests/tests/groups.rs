@@ -263,12 +263,7 @@ async fn a_cordoned_node_takes_no_new_tasks_even_after_a_restart() {
     let mut c = sched.client().await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        let nodes = c
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
+        let nodes = list_nodes(&mut c).await;
         let n = nodes.iter().find(|n| n.id == "sim-00000").unwrap();
         assert!(n.cordoned);
         if n.tasks == 1 && n.state == pb::NodeState::Ready as i32 && n.last_seen_unix_ms > 0 {

@@ -207,12 +207,7 @@ async fn partition(socket: std::path::PathBuf, net: &Net) {
             "A's containers run on while it is cut off"
         );
     }
-    let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut c).await;
     let a = nodes.iter().find(|n| n.id == "node-a").unwrap();
     assert_eq!(a.state, pb::NodeState::Lost as i32);
 
@@ -244,12 +239,7 @@ async fn partition(socket: std::path::PathBuf, net: &Net) {
     }
     let deadline = Instant::now() + LIMIT;
     loop {
-        let nodes = c
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
+        let nodes = list_nodes(&mut c).await;
         if nodes
             .iter()
             .any(|n| n.id == "node-a" && n.state == pb::NodeState::Ready as i32)

@@ -294,6 +294,15 @@ pub async fn wait_until(
     }
 }
 
+/// Every node as the scheduler lists it.
+pub async fn list_nodes(c: &mut JobServiceClient<Channel>) -> Vec<pb::Node> {
+    c.list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect("list nodes")
+        .into_inner()
+        .nodes
+}
+
 pub fn is_state(t: &pb::Task, s: pb::TaskState) -> bool {
     t.state == s as i32
 }
